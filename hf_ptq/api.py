@@ -1,0 +1,54 @@
+"""Functions for people who already hold a model in memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from .config import PtqConfig
+from .methods import method_spec
+from .nn import QuantLinear, quantizable_linears
+from .nn.replace import check_group_size, replace_linears
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: PtqConfig) -> nn.Module:
+    """Quantize the Linears of an in-memory transformers model in place, as `from_pretrained` would.
+
+    The result saves with `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
+    """
+    from .formats.hub import attach_push_to_hub
+    from .quantizer import PtqHfQuantizer
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("quantize(): this model is already quantized by hf_ptq.")
+    spec = method_spec(config.method)
+    if spec.needs_calibration:
+        raise NotImplementedError(f"method={config.method!r} needs calibration, which this version cannot run yet.")
+    skip = HfQuantizer.get_modules_to_not_convert(
+        model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
+    )
+    originals = dict(quantizable_linears(model, skip))
+    check_group_size(list(originals.items()), config.group_size)
+    replace_linears(
+        model, bits=config.bits, group_size=config.group_size, sym=config.sym, skip=skip,
+        dtype=model.dtype, compute_dtype=config.compute_dtype,
+    )
+    for name, original in originals.items():
+        module = model.get_submodule(name)
+        weight = original.weight.t() if module.transposed_source else original.weight
+        module.to_empty(device=weight.device)
+        module.weight_shape.copy_(torch.tensor([module.out_features, module.in_features]))
+        module.set_quantized(spec.quantize_weight(weight, config))
+        if original.bias is not None:
+            module.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
+    quantizer = PtqHfQuantizer(config, pre_quantized=False)
+    quantizer.modules_to_not_convert = skip
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.add_model_tags(["hf-ptq", config.method, f"{config.bits}-bit"])
+    attach_push_to_hub(model)
+    return model

@@ -1,0 +1,48 @@
+"""A JSON-safe description of calibration data, so config.json says what was used without embedding it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+
+def _digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def describe_dataset(dataset: Any) -> dict[str, Any]:
+    """Source kind, size and a short content hash of `dataset`; raises ValueError for unsupported types."""
+    if isinstance(dataset, str):
+        if os.path.exists(dataset):
+            return {"source": "file", "name": os.path.basename(dataset), "bytes": os.path.getsize(dataset)}
+        if not dataset.strip():
+            raise ValueError("PtqConfig.dataset is an empty string: pass a dataset name, a file path or a list of texts.")
+        return {"source": "name", "name": dataset}
+    if isinstance(dataset, (list, tuple)):
+        if not dataset:
+            raise ValueError("PtqConfig.dataset is an empty list: pass at least one text or token sequence.")
+        if all(isinstance(t, str) for t in dataset):
+            return {"source": "texts", "count": len(dataset), "sha256": _digest([t.encode() for t in dataset])}
+        if all(isinstance(t, (list, tuple)) and all(isinstance(i, int) for i in t) for t in dataset):
+            return {"source": "token_ids", "count": len(dataset), "sha256": _digest([repr(list(t)).encode() for t in dataset])}
+        raise ValueError("PtqConfig.dataset: a list must hold only strings or only lists of token ids.")
+    try:
+        import torch
+
+        if isinstance(dataset, torch.Tensor):
+            if dataset.dtype != torch.long or dataset.ndim != 2:
+                raise ValueError("PtqConfig.dataset: a tensor must be a LongTensor of token ids shaped [n, seq].")
+            return {"source": "tensor", "shape": list(dataset.shape), "sha256": _digest([dataset.numpy().tobytes()])}
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(dataset, "column_names") and hasattr(dataset, "num_rows"):
+        return {"source": "datasets.Dataset", "rows": int(dataset.num_rows), "fingerprint": getattr(dataset, "_fingerprint", None)}
+    raise ValueError(
+        f"PtqConfig.dataset of type {type(dataset).__name__} is not supported: pass a list of strings, token ids "
+        "(LongTensor [n, seq] or list of lists), a datasets.Dataset, a text file path or a dataset name."
+    )

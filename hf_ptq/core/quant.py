@@ -1,0 +1,135 @@
+"""Uniform integer quantization: scales, zero points, quantize and dequantize at three granularities.
+
+Conventions (those of compressed-tensors): integers are signed, `q in [-2^(b-1), 2^(b-1)-1]`;
+`w ≈ (q - zero_point) * scale`. Symmetric quantization has no zero point (it is 0). Granularity is set by
+`group_size`: `> 0` one scale per `group_size` input channels of each row, `-1` one per row (output channel),
+`0` one for the whole tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized 2-D weight before packing.
+
+    Attributes:
+        q: int8 [out, in], signed integers.
+        scale: float [out, groups] (per-group/per-channel) or [1] (per-tensor).
+        zero_point: int8 of the same shape as `scale`, or None when symmetric.
+        bits, group_size: as in `PtqConfig`.
+        g_idx: int32 [in] group of each input channel when channels were reordered (act-order), else None.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+    group_size: int
+    g_idx: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero_point, self.group_size, self.g_idx, dtype)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Smallest and largest signed integer of `bits` bits."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View w [out, in] as [out or 1, groups, members] for the given granularity."""
+    out_f, in_f = w.shape
+    if group_size == 0:
+        return w.reshape(1, 1, -1)
+    if group_size == -1:
+        return w.reshape(out_f, 1, in_f)
+    if in_f % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_f}")
+    return w.reshape(out_f, in_f // group_size, group_size)
+
+
+def compute_qparams(
+    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point covering [w_min, w_max] (fp32 tensors of any shape, elementwise).
+
+    Symmetric: `scale = max|w| / (2^(b-1)-1)`. Asymmetric: the range is widened to include 0 so that zero is
+    exactly representable, `scale = (max - min) / (2^b - 1)`, `zero_point = qmin - round(min / scale)`.
+    """
+    qmin, qmax = qrange(bits)
+    tiny = torch.finfo(torch.float32).tiny
+    if sym:
+        scale = torch.maximum(w_min.abs(), w_max.abs()) / qmax
+        return scale.clamp(min=tiny), None
+    w_min = torch.minimum(w_min, torch.zeros_like(w_min))
+    w_max = torch.maximum(w_max, torch.zeros_like(w_max))
+    scale = ((w_max - w_min) / (qmax - qmin)).clamp(min=tiny)
+    zero_point = torch.clamp(qmin - torch.round(w_min / scale), qmin, qmax)
+    return scale, zero_point.to(torch.int8)
+
+
+def quantize_with(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """Round w [out, in] onto the grid given by scale / zero_point (shapes as in `QuantizedWeight`)."""
+    qmin, qmax = qrange(bits)
+    grouped = _grouped(w.float(), group_size)
+    s = scale.float().reshape(grouped.shape[0], grouped.shape[1], 1)
+    q = torch.round(grouped / s)
+    if zero_point is not None:
+        q = q + zero_point.float().reshape(s.shape)
+    return torch.clamp(q, qmin, qmax).to(torch.int8).reshape(w.shape)
+
+
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 value of `scale` once stored in `dtype` (kept > 0), so rounding uses the scale that is saved."""
+    return scale.to(dtype).clamp(min=torch.finfo(dtype).tiny).float()
+
+
+def quantize(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of w [out, in] with min/max ranges (the RTN baseline).
+
+    `scale_dtype` (default: w's dtype when floating) is the dtype the scales will be stored in.
+    """
+    grouped = _grouped(w.float(), group_size)
+    scale, zero_point = compute_qparams(grouped.amin(-1), grouped.amax(-1), bits, sym)
+    scale = round_scale(scale, scale_dtype or (w.dtype if w.is_floating_point() else torch.float32))
+    if group_size == 0:
+        scale = scale.reshape(1)
+        zero_point = None if zero_point is None else zero_point.reshape(1)
+    q = quantize_with(w, scale, zero_point, bits, group_size)
+    return QuantizedWeight(q, scale, zero_point, bits, group_size)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(q - zero_point) * scale as a [out, in] tensor of `dtype`; `g_idx` maps input channels to groups."""
+    out_f, in_f = q.shape
+    s = scale.to(torch.float32)
+    z = None if zero_point is None else zero_point.to(torch.float32)
+    if group_size == 0:
+        s = s.reshape(1, 1).expand(out_f, 1)
+        z = None if z is None else z.reshape(1, 1).expand(out_f, 1)
+    if g_idx is not None:
+        idx = g_idx.long()
+        s_full = s[:, idx]
+        qf = q.float() if z is None else q.float() - z[:, idx]
+        return (qf * s_full).to(dtype)
+    members = in_f if group_size in (0, -1) else group_size
+    qf = q.float().reshape(out_f, -1, members)
+    if z is not None:
+        qf = qf - z.unsqueeze(-1)
+    return (qf * s.unsqueeze(-1)).reshape(out_f, in_f).to(dtype)

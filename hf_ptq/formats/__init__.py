@@ -1,0 +1,1 @@
+"""On-disk formats: the native (compressed-tensors-named) checkpoint, model cards and Hub uploads."""

@@ -1,0 +1,54 @@
+"""`push_to_hub` for quantized models: the saved checkpoint plus hf_ptq's model card in one commit."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+from typing import Any
+
+from huggingface_hub import HfApi
+
+from .model_card import build_model_card
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    metrics: dict[str, Any] | None = None,
+    tokenizer=None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    api: HfApi | None = None,
+    **save_kwargs: Any,
+):
+    """Save `model` (and `tokenizer`) to a temporary folder, add the model card, upload it as one commit."""
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        build_model_card(model, repo_id, metrics).save(os.path.join(folder, "README.md"))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {model.config.quantization_config.describe()} model (hf_ptq)",
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def attach_push_to_hub(model) -> None:
+    """Make `model.push_to_hub(repo, metrics=..., tokenizer=...)` write hf_ptq's model card."""
+
+    def _push(self, repo_id: str, **kwargs: Any):
+        kwargs.pop("tags", None)  # tags are part of hf_ptq's card
+        return push_to_hub(self, repo_id, **kwargs)
+
+    _push.__doc__ = push_to_hub.__doc__
+    model.push_to_hub = types.MethodType(_push, model)

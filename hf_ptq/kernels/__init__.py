@@ -1,0 +1,87 @@
+"""Matmul kernels for packed weights, chosen per call by device, dtype, bit width and number of rows.
+
+Measured on a 2-core AVX512-BF16 CPU against bf16 `F.linear` (1536x576 weight): the int4 and int8 weight-only
+kernels of torch (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are about 2.5x faster for one row but
+about 3x slower for 512 rows, and they are only fast with bf16 activations. So: packed kernels for few rows with
+bf16 activations, dequantize + dense matmul otherwise. The dequantize path is always correct and is the
+reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+# At most this many rows (tokens x batch) go through the packed kernels; more rows dequantize and use a dense
+# matmul. Override with HF_PTQ_KERNEL_MAX_ROWS (0 disables the packed kernels).
+KERNEL_MAX_ROWS = int(os.environ.get("HF_PTQ_KERNEL_MAX_ROWS", "16"))
+
+_INT4_GROUP_SIZES = (256, 128, 64, 32)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX), where bf16 compute is the fast path."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch without mkldnn
+        return False
+
+
+def resolve_compute_dtype(setting: str, x: torch.Tensor) -> torch.dtype:
+    """The dtype a quantized matmul runs in: `auto` is bf16 on CPUs with native bf16, else the input's dtype."""
+    if setting == "auto":
+        if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return x.dtype
+    return getattr(torch, setting)
+
+
+def int4_kernel_group(in_features: int, group_size: int) -> int | None:
+    """Group size the int4 kernel can run a layer with (per-channel/tensor scales are repeated), or None."""
+    if group_size > 0:
+        return group_size if group_size in _INT4_GROUP_SIZES and in_features % group_size == 0 else None
+    return next((g for g in _INT4_GROUP_SIZES if in_features % g == 0), None)
+
+
+def prepare_int4_cpu(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Layout for `_weight_int4pack_mm_for_cpu` from signed int4 q [out, in] and [out, groups] qparams.
+
+    The kernel computes `w = (u - 8) * s + z` with unsigned `u = q + 8`, so `z = -zero_point * s`.
+    Returns (packed weight, scales_and_zeros [groups, out, 2] bf16, kernel group size).
+    """
+    out_f, in_f = q.shape
+    kgroup = int4_kernel_group(in_f, group_size)
+    if kgroup is None:
+        raise ValueError(f"in_features={in_f} with group_size={group_size} does not fit the int4 CPU kernel")
+    per_tensor = group_size == 0
+    s = scale.float().reshape(1, 1).expand(out_f, 1) if per_tensor else scale.float()
+    if zero_point is None:
+        z = torch.zeros_like(s)
+    else:
+        z = -(zero_point.float().reshape(1, 1) if per_tensor else zero_point.float()) * s
+    if group_size <= 0:  # repeat the single column of qparams over the kernel's groups
+        s = s.expand(out_f, in_f // kgroup)
+        z = z.expand(out_f, in_f // kgroup)
+    scales_and_zeros = torch.stack((s.t(), z.t()), -1).contiguous().to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+    return packed, scales_and_zeros, kgroup
+
+
+def int4_cpu_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, kgroup: int) -> torch.Tensor:
+    """x [rows, in] bf16 -> [rows, out] bf16 through the packed int4 CPU kernel."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, kgroup, scales_and_zeros)
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] -> [rows, out] through the int8 weight-only kernel; q int8 [out, in], per-row scale [out]."""
+    return torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))
+
+
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)

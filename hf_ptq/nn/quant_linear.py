@@ -1,0 +1,161 @@
+"""`QuantLinear`: a Linear whose weight is stored packed (2/3/4/8-bit) with scales and zero points.
+
+Buffers carry the checkpoint names of compressed-tensors' `pack-quantized` format, so `state_dict()` is the
+on-disk layout and safetensors round-trips with no converter:
+    weight_packed      int32 [out, ceil(in*bits/32)]
+    weight_scale       [out, groups] (per-group / per-channel) or [1] (per-tensor), in the model's dtype
+    weight_zero_point  asymmetric only: int32 [ceil(out*bits/32), groups] packed along dim 0, or int8 [1]
+    weight_shape       int64 [2] = (out, in)
+    weight_g_idx       int32 [in], only with act-order
+Forward picks a kernel per call (see `hf_ptq.kernels`); the layout a kernel needs is built on first use and
+cached outside the state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..core.packing import pack_int32, packed_width, unpack_int32
+from ..core.quant import QuantizedWeight, dequantize
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized replacement for `nn.Linear` (and GPT-2's transposed `Conv1D`)."""
+
+    transposed_source = False  # True when the float weight it replaces is stored [in, out] (GPT-2 Conv1D)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        dtype: torch.dtype = torch.bfloat16,
+        act_order: bool = False,
+        compute_dtype: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.compute_dtype = compute_dtype
+        groups = {0: 0, -1: 1}.get(group_size, in_features // max(group_size, 1))
+        scale_shape = (1,) if group_size == 0 else (out_features, groups)
+        kw = {"device": device}
+        self.register_buffer("weight_packed", torch.empty(out_features, packed_width(in_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=dtype, **kw))
+        if not sym:
+            zp_shape = (1,) if group_size == 0 else (packed_width(out_features, bits), groups)
+            zp_dtype = torch.int8 if group_size == 0 else torch.int32
+            self.register_buffer("weight_zero_point", torch.empty(zp_shape, dtype=zp_dtype, **kw))
+        else:
+            self.weight_zero_point = None
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+        if act_order:
+            self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
+        else:
+            self.weight_g_idx = None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
+        self._kernel_cache: dict[tuple, tuple] = {}
+
+    # --- filling from a quantized weight -------------------------------------------------------------------
+    def set_quantized(self, qw: QuantizedWeight) -> None:
+        """Pack `qw` into this module's buffers (shapes must match the constructor's)."""
+        if tuple(qw.q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight shape {tuple(qw.q.shape)} != {(self.out_features, self.in_features)}")
+        self.weight_packed = pack_int32(qw.q, self.bits, dim=1)
+        self.weight_scale = qw.scale.to(self.weight_scale.dtype)
+        if not self.sym:
+            self.weight_zero_point = qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
+        if self.weight_g_idx is not None:
+            self.weight_g_idx = qw.g_idx.to(torch.int32)
+        self._kernel_cache.clear()
+
+    def packed_tensors(self, qw: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
+        """The state-dict entries (named `prefix + buffer`) that `set_quantized(qw)` would produce."""
+        out = {
+            "weight_packed": pack_int32(qw.q, self.bits, dim=1),
+            "weight_scale": qw.scale.to(self.weight_scale.dtype),
+            "weight_shape": torch.tensor([self.out_features, self.in_features], dtype=torch.int64),
+        }
+        if not self.sym:
+            out["weight_zero_point"] = qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
+        if self.weight_g_idx is not None:
+            out["weight_g_idx"] = qw.g_idx.to(torch.int32)
+        return {prefix + k: v for k, v in out.items()}
+
+    # --- unpacking -----------------------------------------------------------------------------------------
+    def quantized_weight(self) -> QuantizedWeight:
+        """Unpack the buffers into signed integers and qparams."""
+        q = unpack_int32(self.weight_packed, self.bits, self.in_features, dim=1)
+        zp = None
+        if not self.sym:
+            zp = self.weight_zero_point
+            if self.group_size != 0:
+                zp = unpack_int32(zp, self.bits, self.out_features, dim=0)
+        return QuantizedWeight(q, self.weight_scale, zp, self.bits, self.group_size, self.weight_g_idx)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] the packed data stands for, in `dtype` (default: the scale's dtype)."""
+        qw = self.quantized_weight()
+        return dequantize(qw.q, qw.scale, qw.zero_point, self.group_size, qw.g_idx, dtype or self.weight_scale.dtype)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = kernels.resolve_compute_dtype(self.compute_dtype, x)
+        x2 = x.reshape(-1, self.in_features).to(compute)
+        y = self._packed_kernel(x2)
+        if y is None:
+            y = kernels.dense_matmul(x2, self.dequantized_weight(compute), None)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 dequantize-then-matmul path: what every kernel is checked against."""
+        bias = None if self.bias is None else self.bias.float()
+        return kernels.dense_matmul(x.float(), self.dequantized_weight(torch.float32), bias)
+
+    def _packed_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """Run a packed-weight kernel when one fits this call, else None."""
+        rows = x2.shape[0]
+        if rows > kernels.KERNEL_MAX_ROWS or x2.dtype != torch.bfloat16 or self.weight_g_idx is not None:
+            return None
+        if x2.device.type == "cpu" and self.bits == 4:
+            entry = self._cached("int4_cpu", x2.device, self._build_int4_cpu)
+            return None if entry is None else kernels.int4_cpu_matmul(x2, *entry)
+        if self.bits == 8 and self.sym and self.group_size == -1 and x2.device.type in ("cpu", "cuda"):
+            q, scale = self._cached("int8", x2.device, self._build_int8)
+            return kernels.int8_matmul(x2, q, scale)
+        return None
+
+    def _cached(self, name: str, device: torch.device, build):
+        key = (name, device)
+        if key not in self._kernel_cache:
+            self._kernel_cache[key] = build()
+        return self._kernel_cache[key]
+
+    def _build_int4_cpu(self):
+        if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
+            return None
+        qw = self.quantized_weight()
+        return kernels.prepare_int4_cpu(qw.q, qw.scale, qw.zero_point, self.group_size)
+
+    def _build_int8(self):
+        qw = self.quantized_weight()
+        return qw.q.contiguous(), qw.scale.reshape(-1)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._kernel_cache.clear()  # kernel layouts follow the buffers' device and dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        gran = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"group_size={self.group_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
+            f"sym={self.sym}, bias={self.bias is not None}, act_order={self.weight_g_idx is not None}"
+        )

@@ -1,0 +1,75 @@
+"""Find the Linears of a model that should be quantized and swap them for `QuantLinear`s."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .quant_linear import QuantLinear
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or of GPT-2's Conv1D (weight stored [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+def quantizable_linears(model: nn.Module, skip: list[str] | None) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every Linear / Conv1D not matched by `skip` (transformers' matching rules)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, QuantLinear):
+            if should_convert_module(name, skip):
+                yield name, module
+
+
+def check_group_size(targets: list[tuple[str, nn.Module]], group_size: int) -> None:
+    """Raise before any weight is read when `group_size` does not divide a target layer's in_features."""
+    if group_size <= 0:
+        return
+    bad = [(n, _shape(m)[0]) for n, m in targets if _shape(m)[0] % group_size]
+    if bad:
+        name, in_f = bad[0]
+        divisors = [g for g in (32, 64, 128) if all(f % g == 0 for _, f in bad)] or [-1]
+        raise ValueError(
+            f"PtqConfig.group_size={group_size} does not divide in_features={in_f} of layer {name!r} "
+            f"({len(bad)} layer(s) affected). Use a group_size that divides every layer's in_features "
+            f"(for example {divisors[0]}), -1 for per-channel scales, or list those layers in modules_to_not_convert."
+        )
+
+
+def replace_linears(
+    model: nn.Module,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    skip: list[str] | None,
+    dtype: torch.dtype,
+    compute_dtype: str = "auto",
+    act_order: bool = False,
+    expect_float_weight: bool = False,
+) -> list[str]:
+    """Swap target Linears for empty `QuantLinear`s on the meta device; returns the swapped names.
+
+    With `expect_float_weight`, each new module keeps a meta placeholder `weight` of the original layout so that
+    transformers routes the checkpoint's float weight to the quantize-on-load op, which drops it.
+    """
+    targets = list(quantizable_linears(model, skip))
+    check_group_size(targets, group_size)
+    for name, module in targets:
+        in_f, out_f = _shape(module)
+        with torch.device("meta"):
+            new = QuantLinear(
+                in_f, out_f, module.bias is not None, bits, group_size, sym,
+                dtype=dtype, act_order=act_order, compute_dtype=compute_dtype,
+            )
+            new.transposed_source = isinstance(module, Conv1D)
+            if expect_float_weight:
+                new.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+        model.set_submodule(name, new)
+    return [name for name, _ in targets]

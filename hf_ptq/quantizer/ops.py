@@ -1,0 +1,37 @@
+"""The conversion op transformers runs on each float weight while loading: quantize it, emit packed tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+
+from ..methods import method_spec
+
+
+class QuantizeOnLoad(ConversionOps):
+    """Turns `{"<layer>.weight": float tensor}` into the layer's packed buffers, one layer at a time.
+
+    The float weight is freed as soon as its packed form exists, so the full-precision model is never held.
+    """
+
+    def __init__(self, hf_quantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, missing_keys=None, **kwargs):
+        value = next(iter(input_dict.values()))
+        weight = value[0] if isinstance(value, list) else value
+        module_name = full_layer_name.rsplit(".", 1)[0]
+        module = model.get_submodule(module_name)
+        if module.transposed_source:
+            weight = weight.t()
+        config = self.hf_quantizer.quantization_config
+        qweight = method_spec(config.method).quantize_weight(weight, config)
+        packed = module.packed_tensors(qweight, module_name + ".")
+        packed = {k: v.to(weight.device) for k, v in packed.items()}
+        module._parameters.pop("weight", None)  # the meta placeholder that routed the float weight here
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        return packed
