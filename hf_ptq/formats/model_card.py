@@ -59,7 +59,8 @@ def build_model_card(model, repo_id: str, metrics: dict[str, Any] | None = None)
         bits=cfg.bits,
         group_size=_group_text(cfg.group_size),
         sym=cfg.sym,
-        skipped=", ".join(f"`{m}`" for m in sorted(getattr(model.hf_quantizer, "modules_to_not_convert", []) or [])) or "none",
+        skipped=", ".join(f"`{m}`" for m in sorted(getattr(model.hf_quantizer, "modules_to_not_convert", []) or []))
+        or "none",
         base_model=base,
         repo_id=repo_id,
         metrics=metric_text,

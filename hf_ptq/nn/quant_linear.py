@@ -46,7 +46,9 @@ class QuantLinear(nn.Module):
         groups = {0: 0, -1: 1}.get(group_size, in_features // max(group_size, 1))
         scale_shape = (1,) if group_size == 0 else (out_features, groups)
         kw = {"device": device}
-        self.register_buffer("weight_packed", torch.empty(out_features, packed_width(in_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer(
+            "weight_packed", torch.empty(out_features, packed_width(in_features, bits), dtype=torch.int32, **kw)
+        )
         self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=dtype, **kw))
         if not sym:
             zp_shape = (1,) if group_size == 0 else (packed_width(out_features, bits), groups)
@@ -54,7 +56,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_zero_point", torch.empty(zp_shape, dtype=zp_dtype, **kw))
         else:
             self.weight_zero_point = None
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+        self.register_buffer(
+            "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
+        )
         if act_order:
             self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
         else:
@@ -70,7 +74,9 @@ class QuantLinear(nn.Module):
         self.weight_packed = pack_int32(qw.q, self.bits, dim=1)
         self.weight_scale = qw.scale.to(self.weight_scale.dtype)
         if not self.sym:
-            self.weight_zero_point = qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
+            self.weight_zero_point = (
+                qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
+            )
         if self.weight_g_idx is not None:
             self.weight_g_idx = qw.g_idx.to(torch.int32)
         self._kernel_cache.clear()
@@ -83,7 +89,9 @@ class QuantLinear(nn.Module):
             "weight_shape": torch.tensor([self.out_features, self.in_features], dtype=torch.int64),
         }
         if not self.sym:
-            out["weight_zero_point"] = qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
+            out["weight_zero_point"] = (
+                qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
+            )
         if self.weight_g_idx is not None:
             out["weight_g_idx"] = qw.g_idx.to(torch.int32)
         return {prefix + k: v for k, v in out.items()}

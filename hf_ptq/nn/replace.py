@@ -65,8 +65,15 @@ def replace_linears(
         in_f, out_f = _shape(module)
         with torch.device("meta"):
             new = QuantLinear(
-                in_f, out_f, module.bias is not None, bits, group_size, sym,
-                dtype=dtype, act_order=act_order, compute_dtype=compute_dtype,
+                in_f,
+                out_f,
+                module.bias is not None,
+                bits,
+                group_size,
+                sym,
+                dtype=dtype,
+                act_order=act_order,
+                compute_dtype=compute_dtype,
             )
             new.transposed_source = isinstance(module, Conv1D)
             if expect_float_weight:

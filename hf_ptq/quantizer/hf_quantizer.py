@@ -84,8 +84,13 @@ class PtqHfQuantizer(HfQuantizer):
         for name, module in list(model.named_modules()):
             if isinstance(module, QuantLinear):
                 weight = module.dequantized_weight(dtype or module.weight_scale.dtype)
-                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                         device=weight.device, dtype=weight.dtype)
+                linear = torch.nn.Linear(
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    device=weight.device,
+                    dtype=weight.dtype,
+                )
                 linear.weight.data.copy_(weight)
                 if module.bias is not None:
                     linear.bias.data.copy_(module.bias)

@@ -20,7 +20,9 @@ class QuantizeOnLoad(ConversionOps):
         self.hf_quantizer = hf_quantizer
 
     @torch.no_grad()
-    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, missing_keys=None, **kwargs):
+    def convert(
+        self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, missing_keys=None, **kwargs
+    ):
         value = next(iter(input_dict.values()))
         weight = value[0] if isinstance(value, list) else value
         module_name = full_layer_name.rsplit(".", 1)[0]
