@@ -39,7 +39,9 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     width = packed_width(cols, bits)
     if bits in (4, 8):  # whole values per byte: build the little-endian bytes directly
         as_bytes = unsigned if bits == 8 else unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
-        return as_bytes.to(torch.uint8).contiguous().view(torch.int32)[:, :width].contiguous()
+        # flatten first: `.contiguous()` keeps any stride on a size-1 dim, which `view(torch.int32)` rejects
+        words = as_bytes.to(torch.uint8).reshape(-1).view(torch.int32).view(rows, padded * bits // 32)
+        return words[:, :width].contiguous()
     chunks = [_pack_rows(unsigned[i : i + 256], bits) for i in range(0, rows, 256)]
     return torch.cat(chunks)[:, :width].contiguous() if chunks else unsigned.new_zeros(0, width, dtype=torch.int32)
 

@@ -54,21 +54,25 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def compute_qparams(
-    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, sym: bool
+    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point covering [w_min, w_max] (fp32 tensors of any shape, elementwise).
 
     Symmetric: `scale = max|w| / (2^(b-1)-1)`. Asymmetric: the range is widened to include 0 so that zero is
     exactly representable, `scale = (max - min) / (2^b - 1)`, `zero_point = qmin - round(min / scale)`.
+    With `scale_dtype`, the scale is first rounded to that dtype (`round_scale`) and the zero point computed from
+    the rounded scale, so that both match what is stored.
     """
     qmin, qmax = qrange(bits)
     tiny = torch.finfo(torch.float32).tiny
     if sym:
-        scale = torch.maximum(w_min.abs(), w_max.abs()) / qmax
-        return scale.clamp(min=tiny), None
+        scale = (torch.maximum(w_min.abs(), w_max.abs()) / qmax).clamp(min=tiny)
+        return (scale if scale_dtype is None else round_scale(scale, scale_dtype)), None
     w_min = torch.minimum(w_min, torch.zeros_like(w_min))
     w_max = torch.maximum(w_max, torch.zeros_like(w_max))
     scale = ((w_max - w_min) / (qmax - qmin)).clamp(min=tiny)
+    if scale_dtype is not None:
+        scale = round_scale(scale, scale_dtype)
     zero_point = torch.clamp(qmin - torch.round(w_min / scale), qmin, qmax)
     return scale, zero_point.to(torch.int8)
 
@@ -99,8 +103,8 @@ def quantize(
     `scale_dtype` (default: w's dtype when floating) is the dtype the scales will be stored in.
     """
     grouped = _grouped(w.float(), group_size)
-    scale, zero_point = compute_qparams(grouped.amin(-1), grouped.amax(-1), bits, sym)
-    scale = round_scale(scale, scale_dtype or (w.dtype if w.is_floating_point() else torch.float32))
+    scale_dtype = scale_dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    scale, zero_point = compute_qparams(grouped.amin(-1), grouped.amax(-1), bits, sym, scale_dtype)
     if group_size == 0:
         scale = scale.reshape(1)
         zero_point = None if zero_point is None else zero_point.reshape(1)

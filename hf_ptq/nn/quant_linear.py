@@ -112,10 +112,24 @@ class QuantLinear(nn.Module):
         qw = self.quantized_weight()
         return dequantize(qw.q, qw.scale, qw.zero_point, self.group_size, qw.g_idx, dtype or self.weight_scale.dtype)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight" or "weight_packed" not in self._buffers or self.weight_packed.is_meta:
+                raise
+        # Code written for nn.Linear reads `.weight`: GPT-2's `_init_weights` touches `c_proj.weight` of every block
+        # on each `from_pretrained`. Answer with the dequantized weight [out, in], a new tensor (writing to it
+        # changes nothing), marked initialized so transformers' init functions leave it alone. Not while the
+        # buffers are still on meta: then `weight` must stay free for the placeholder of quantize-on-load.
+        weight = self.dequantized_weight()
+        weight._is_hf_initialized = True
+        return weight
+
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = kernels.resolve_compute_dtype(self.compute_dtype, x)
-        x2 = x.reshape(-1, self.in_features).to(compute)
+        x2 = x.reshape(-1, self.in_features).to(compute).contiguous()  # the packed kernels need contiguous rows
         y = self._packed_kernel(x2)
         if y is None:
             y = kernels.dense_matmul(x2, self.dequantized_weight(compute), None)

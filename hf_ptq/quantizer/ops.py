@@ -8,6 +8,7 @@ import torch
 from transformers.core_model_loading import ConversionOps
 
 from ..methods import method_spec
+from .page_release import release_file_pages, trim_heap
 
 
 class QuantizeOnLoad(ConversionOps):
@@ -33,7 +34,11 @@ class QuantizeOnLoad(ConversionOps):
         qweight = method_spec(config.method).quantize_weight(weight, config)
         packed = module.packed_tensors(qweight, module_name + ".")
         packed = {k: v.to(weight.device) for k, v in packed.items()}
+        release_file_pages(weight)
         module._parameters.pop("weight", None)  # the meta placeholder that routed the float weight here
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
+        input_dict.clear()  # the float weight is no longer needed: free it before trimming the heap
+        del weight, value, qweight
+        trim_heap()
         return packed

@@ -1,0 +1,409 @@
+"""Benchmark hf_ptq against bf16 and bitsandbytes on SmolLM2-135M-Instruct (protocol: shared/DESIGN.md).
+
+    .venv/bin/python benchmarks/bench.py                      # all rows, about 10 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench.py --quick              # smoke run
+    .venv/bin/python benchmarks/bench.py --methods bf16,rtn-w4 --windows 8 --results /tmp/r.md
+
+The parent process runs every method in its own fresh subprocess (`--worker METHOD --json FILE`), so peak RSS
+(`ru_maxrss`) covers one load + quantization only. Each worker measures, in this order: load+quantize time and
+RSS, the model's bytes, save_pretrained size, prefill and decode speed, then perplexity on the evaluation windows
+and KL / top-1 agreement against the bf16 model (loaded in the worker after the memory numbers are taken).
+The parent prints one markdown table and the acceptance ratios, each from numbers of this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+DECODE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    hf_ptq: bool  # an hf_ptq row (the acceptance targets apply)
+
+
+METHODS = {
+    "bf16": Method("bf16", False),
+    "rtn-w4": Method("hf_ptq rtn w4 g64", True),
+    "int8": Method("hf_ptq int8", True),
+    "bnb-nf4": Method("bnb nf4", False),
+    "bnb-int8": Method("bnb int8", False),
+}
+
+
+def quantization_config(method: str):
+    """The `quantization_config` passed to `from_pretrained` for a row (None for bf16)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    import hf_ptq
+
+    return {
+        "bf16": lambda: None,
+        "rtn-w4": lambda: hf_ptq.PtqConfig(method="rtn", bits=4, group_size=64, sym=False),
+        "int8": lambda: hf_ptq.PtqConfig(method="int8"),
+        "bnb-nf4": lambda: BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        "bnb-int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+    }[method]()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# worker: one method, one fresh process
+# --------------------------------------------------------------------------------------------------------------
+def run_worker(method: str, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import hf_ptq  # noqa: F401  (registers the hf_ptq quantizer)
+    from hf_ptq import evaluation as ev
+    from hf_ptq.default_model import smollm2_checkpoint
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    ckpt = smollm2_checkpoint()
+    cfg = quantization_config(method)
+    res: dict = {"method": method, "errors": {}, "threads": torch.get_num_threads()}
+    res["kernel_max_rows"] = os.environ.get("HF_PTQ_KERNEL_MAX_ROWS", "default")
+
+    # 1. load (+ quantize): wall time and RSS, nothing else allocated yet
+    source = Path(args.load_from) if args.load_from else ckpt
+    kwargs = {"dtype": torch.bfloat16} | ({} if cfg is None or args.load_from else {"quantization_config": cfg})
+    res["rss_before"], res["peak_before"] = ev.current_rss_bytes(), ev.peak_rss_bytes()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    res["load_s"] = time.perf_counter() - start
+    res["peak_load"], res["rss_loaded"] = ev.peak_rss_bytes(), ev.current_rss_bytes()
+    res["model_bytes"] = ev.model_bytes(model)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+
+    # 2. checkpoint size on disk; Linear bytes against the bf16 checkpoint's
+    if not args.speed_only:
+        try:
+            save_dir = Path(args.save_dir) if args.save_dir else Path(tempfile.mkdtemp(prefix="bench-"))
+            model.save_pretrained(save_dir)
+            sizes, ref_sizes = ev.safetensors_sizes(save_dir), ev.safetensors_sizes(ckpt)
+            linears = [n for n, m in model.named_modules() if n and _is_linear_like(m)]
+            linears = [n for n in linears if ev.linear_weight_bytes(ref_sizes, [n]) > 0]  # lm_head is tied
+            res["ckpt_bytes"] = sum(sizes.values())
+            res["linear_bytes"] = ev.linear_weight_bytes(sizes, linears)
+            res["linear_bf16_bytes"] = ev.linear_weight_bytes(ref_sizes, linears)
+            res["linears_quantized"] = sum(
+                ev.linear_weight_bytes(sizes, [n]) < ev.linear_weight_bytes(ref_sizes, [n]) for n in linears
+            )
+            res["linears"] = len(linears)
+        except Exception as exc:  # noqa: BLE001  (reported in the table)
+            res["errors"]["save"] = _short(exc)
+
+    # 3. speed: prefill (best of 3) and decode (batch 1, greedy, exactly N new tokens), after warm-up
+    text = ev.read_text(args.data)
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    windows = ev.token_windows(ids, args.window, args.windows)
+    prompt = tok(DECODE_PROMPT, return_tensors="pt").input_ids
+    res["idle_wait_load"] = ev.wait_for_idle_cpu(args.wait_idle) if args.wait_idle > 0 else None
+    monitor = ev.CpuMonitor().start()
+    try:
+        res["prefill_tps"] = ev.prefill_tokens_per_s(model, windows[:1], repeats=args.prefill_repeats)
+        for rows in args.prefill_rows:
+            res[f"prefill_tps_{rows}"] = ev.prefill_tokens_per_s(model, windows[:1, :rows], repeats=3)
+        res["decode_tps"] = ev.decode_tokens_per_s(model, prompt, args.new_tokens, repeats=args.decode_repeats)
+    except Exception as exc:  # noqa: BLE001
+        res["errors"]["speed"] = _short(exc)
+    res["others_cpu"] = monitor.stop()
+    res["rss_after_inference"] = ev.current_rss_bytes()
+    if args.speed_only:
+        return res
+
+    # 4. perplexity on all windows; KL / top-1 against bf16 on the first --kl-windows windows
+    try:
+        reference = None
+        if method != "bf16" and args.kl_windows > 0:
+            reference = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        meter, nll, count = ev.DivergenceMeter(), 0.0, 0
+        for i, window in enumerate(windows):
+            logits = ev.causal_lm_logits(model, window[None])
+            window_nll, n = ev.nll_sum(logits, window[None])
+            nll, count = nll + window_nll, count + n
+            if i < args.kl_windows:
+                ref_logits = logits if reference is None else ev.causal_lm_logits(reference, window[None])
+                meter.update(ref_logits, logits)
+            del logits
+        res["ppl"] = float(torch.tensor(nll / count).exp())
+        res["kl"], res["top1"], res["kl_positions"] = meter.kl, meter.top1, meter.count
+    except Exception as exc:  # noqa: BLE001
+        res["errors"]["quality"] = _short(exc)
+    res["windows"] = len(windows)
+    return res
+
+
+def _is_linear_like(module) -> bool:
+    """nn.Linear, its bitsandbytes subclasses, and hf_ptq's QuantLinear (duck-typed: in/out_features)."""
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parent: one subprocess per row, then the table and the acceptance ratios
+# --------------------------------------------------------------------------------------------------------------
+def spawn(method: str, args: argparse.Namespace, extra: list[str], env_extra: dict[str, str] | None = None) -> dict:
+    """Run one worker in a fresh interpreter; its JSON result, or {"errors": {"worker": ...}}."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--json", str(out), *extra]
+        env = os.environ | {"TOKENIZERS_PARALLELISM": "false"} | (env_extra or {})
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0 or not out.exists():
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return {"method": method, "errors": {"worker": lines[-1][:160] if lines else f"exit {proc.returncode}"}}
+        res = json.loads(out.read_text())
+        res["worker_s"] = wall
+        return res
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    out = ["--data", str(args.data), "--windows", str(args.windows), "--kl-windows", str(args.kl_windows)]
+    out += ["--new-tokens", str(args.new_tokens), "--wait-idle", str(args.wait_idle)]
+    out += ["--prefill-repeats", str(args.prefill_repeats), "--decode-repeats", str(args.decode_repeats)]
+    return out
+
+
+def fmt(value, spec: str = ".2f", scale: float = 1.0) -> str:
+    return "—" if value is None else format(value / scale, spec)
+
+
+def cell(res: dict, key: str, spec: str = ".2f", scale: float = 1.0, phase: str | None = None) -> str:
+    errors = res.get("errors", {})
+    if key not in res:
+        err = errors.get(phase) or errors.get("worker")
+        return f"error: {err}" if err else "—"
+    return fmt(res[key], spec, scale)
+
+
+def results_table(results: dict[str, dict]) -> str:
+    head = (
+        "| method | load+quant s | peak RSS MB | RSS increase MB | model MB | RSS incr / model | ckpt MB | "
+        "Linear bytes vs bf16 | ppl | KL vs bf16 | top-1 agree | prefill tok/s | decode tok/s | others' CPU |"
+    )
+    rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for method, r in results.items():
+        incr = r["peak_load"] - r["rss_before"] if "peak_load" in r else None
+        ratio = incr / r["model_bytes"] if incr is not None and r.get("model_bytes") else None
+        linear = r["linear_bytes"] / r["linear_bf16_bytes"] if r.get("linear_bf16_bytes") else None
+        worker_err = r.get("errors", {}).get("worker")
+        cells = [
+            METHODS[method].label,
+            cell(r, "load_s", ".1f"),
+            cell(r, "peak_load", ".0f", MB),
+            f"error: {worker_err}" if worker_err else fmt(incr, ".0f", MB),
+            cell(r, "model_bytes", ".1f", MB),
+            fmt(ratio, ".2f"),
+            cell(r, "ckpt_bytes", ".1f", MB, "save"),
+            "—" if linear is None else f"{linear:.3f} ({r['linears_quantized']}/{r['linears']} quantized)",
+            cell(r, "ppl", ".3f", phase="quality"),
+            cell(r, "kl", ".4f", phase="quality"),
+            cell(r, "top1", ".3f", phase="quality"),
+            cell(r, "prefill_tps", ".0f", phase="speed"),
+            cell(r, "decode_tps", ".1f", phase="speed"),
+            fmt(r.get("others_cpu"), ".2f"),
+        ]
+        if worker_err:
+            cells = [cells[0]] + [f"error: {worker_err}"] + ["—"] * (len(cells) - 2)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, bool | None]]:
+    """(description, measured ratio, target, passed) for every acceptance criterion this run can evaluate."""
+    checks = []
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
+        return x / y if x is not None and y else None
+
+    for m in (m for m in results if METHODS[m].hf_ptq):
+        label = METHODS[m].label
+        for base, target in (("bf16", 1.5), ("bnb-nf4", 1.0)):
+            if base in results:
+                r = ratio(m, base, "decode_tps")
+                checks.append((f"decode {label} / {METHODS[base].label}", r, f">= {target}", _ge(r, target)))
+        if "bf16" in results:
+            r = ratio(m, "bf16", "prefill_tps")
+            checks.append((f"prefill {label} / bf16", r, ">= 0.9", _ge(r, 0.9)))
+        res = results[m]
+        r = (res["peak_load"] - res["rss_before"]) / res["model_bytes"] if "peak_load" in res else None
+        checks.append((f"peak RSS increase while loading / model size, {label}", r, "<= 1.2", _le(r, 1.2)))
+        if m == "rtn-w4":
+            r = res["linear_bytes"] / res["linear_bf16_bytes"] if res.get("linear_bf16_bytes") else None
+            checks.append((f"quantized Linear bytes / bf16 bytes, {label}", r, "<= 0.3", _le(r, 0.3)))
+    return checks
+
+
+def _ge(value: float | None, target: float) -> bool | None:
+    return None if value is None else value >= target
+
+
+def _le(value: float | None, target: float) -> bool | None:
+    return None if value is None else value <= target
+
+
+def acceptance_text(checks) -> str:
+    lines = []
+    for desc, value, target, ok in checks:
+        verdict = {True: "PASS", False: "FAIL", None: "N/A"}[ok]
+        lines.append(f"- {verdict}  {desc}: {fmt(value, '.3f')} (target {target})")
+    return "\n".join(lines)
+
+
+def sweep_table(sweep: dict[str, dict[str, dict]], rows: list[int]) -> str:
+    head = "| method | HF_PTQ_KERNEL_MAX_ROWS | decode tok/s | " + " | ".join(f"fwd {n} tok tok/s" for n in rows)
+    head += " | prefill 512 tok/s | others' CPU |"
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for method, by_rows in sweep.items():
+        for value, r in by_rows.items():
+            if r.get("errors", {}).get("worker"):
+                lines.append(f"| {METHODS[method].label} | {value} | error: {r['errors']['worker']} |")
+                continue
+            cells = [METHODS[method].label, value, cell(r, "decode_tps", ".1f", phase="speed")]
+            cells += [cell(r, f"prefill_tps_{n}", ".0f", phase="speed") for n in rows]
+            cells += [cell(r, "prefill_tps", ".0f", phase="speed"), fmt(r.get("others_cpu"), ".2f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(results: dict[str, dict], args: argparse.Namespace) -> str:
+    import torch
+
+    threads = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({threads} threads); windows={args.windows}x{args.window} tokens, KL on {args.kl_windows} windows, "
+        f"decode {args.new_tokens} new tokens, HF_PTQ_KERNEL_MAX_ROWS={os.environ.get('HF_PTQ_KERNEL_MAX_ROWS', '16')}"
+    )
+
+
+def run_parent(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    start = time.perf_counter()
+    results: dict[str, dict] = {}
+    keep = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    for method in methods:
+        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
+        extra = worker_args(args) + ["--save-dir", str(keep / method)]
+        results[method] = spawn(method, args, extra)
+        r = results[method]
+        print(
+            f"[bench] {method}: {r.get('worker_s', 0):.0f}s, errors={r.get('errors')}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    sweep: dict[str, dict[str, dict]] = {}
+    if args.kernel_sweep:
+        values = [v.strip() for v in args.kernel_sweep.split(",")]
+        for method in (m for m in methods if METHODS[m].hf_ptq and (keep / m / "config.json").exists()):
+            sweep[method] = {}
+            for value in values:
+                print(f"[bench] sweep {method} HF_PTQ_KERNEL_MAX_ROWS={value} ...", file=sys.stderr, flush=True)
+                extra = worker_args(args) + ["--speed-only", "--load-from", str(keep / method)]
+                extra += ["--prefill-rows", *map(str, args.sweep_rows)]
+                sweep[method][value] = spawn(method, args, extra, {"HF_PTQ_KERNEL_MAX_ROWS": value})
+
+    elapsed = time.perf_counter() - start
+    text = [
+        f"Machine: {machine_line(results, args)}",
+        "",
+        results_table(results),
+        "",
+        "Acceptance (ratios from this run):",
+        "",
+        acceptance_text(acceptance(results)),
+    ]
+    if sweep:
+        text += [
+            "",
+            "Kernel threshold sweep (reloaded saved checkpoints, speed only):",
+            "",
+            sweep_table(sweep, args.sweep_rows),
+        ]
+    text += ["", f"Total benchmark time: {elapsed / 60:.1f} min"]
+    report = "\n".join(text)
+    print(report)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"results": results, "sweep": sweep}, indent=1))
+    if args.results:
+        Path(args.results).write_text(f"# Benchmark results\n\nCommand: `{' '.join(sys.argv)}`\n\n{report}\n")
+    import shutil
+
+    shutil.rmtree(keep, ignore_errors=True)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated rows from {', '.join(METHODS)}")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="wikitext-2 folder (test.txt) or a text file")
+    p.add_argument("--windows", type=int, default=40, help="perplexity windows (non-overlapping)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (also the prefill length)")
+    p.add_argument("--kl-windows", type=int, default=8, help="first windows used for KL / top-1 vs bf16")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated for the decode speed")
+    p.add_argument("--prefill-repeats", type=int, default=3)
+    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--wait-idle", type=float, default=60.0, help="seconds to wait for other processes to go quiet")
+    p.add_argument("--kernel-sweep", default="", help="HF_PTQ_KERNEL_MAX_ROWS values to sweep, e.g. 0,1,8,16,64")
+    p.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128], help="forward sizes")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 windows, 2 KL windows, 16 new tokens")
+    p.add_argument("--results", type=Path, help="write the report as markdown here (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--json-out", type=Path, help="write all raw measurements as JSON here")
+    # worker-only options
+    p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--save-dir", help=argparse.SUPPRESS)
+    p.add_argument("--load-from", help=argparse.SUPPRESS)
+    p.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prefill-rows", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.windows, args.kl_windows, args.new_tokens = min(args.windows, 4), min(args.kl_windows, 2), 16
+        args.prefill_repeats, args.decode_repeats, args.wait_idle = 1, 1, min(args.wait_idle, 5.0)
+        args.sweep_rows = [1, 16, 64]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = run_worker(args.worker, args)
+        args.json.write_text(json.dumps(result, indent=1))
+        return 0
+    return run_parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Memory and size: process RSS, bytes a model holds, and tensor bytes in a saved safetensors checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (`getrusage(RUSAGE_SELF).ru_maxrss`), in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size of this process in bytes (Linux `/proc/self/statm`; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def tree_bytes(obj: object, _seen: set[int] | None = None) -> int:
+    """Bytes of the tensors in `obj` and in the tensor-valued attributes quantized parameters carry.
+
+    Counts a tensor itself plus, duck-typed, bitsandbytes' side tensors: `quant_state` (absmax, code, nested
+    state) of 4-bit weights and `SCB` (row scales) of 8-bit weights, which are not parameters or buffers.
+    """
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
+        total = 0
+        if key not in seen:
+            seen.add(key)
+            total += obj.numel() * obj.element_size()
+        for attr in ("quant_state", "SCB"):
+            total += tree_bytes(getattr(obj, attr, None), seen)
+        return total
+    if isinstance(obj, dict):
+        return sum(tree_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tree_bytes(v, seen) for v in obj)
+    if obj is not None and hasattr(obj, "as_dict"):  # bitsandbytes QuantState
+        return tree_bytes(obj.as_dict(packed=False), seen)
+    return 0
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """In-memory size of a model: bytes of its parameters and buffers (shared storage counted once)."""
+    seen: set[int] = set()
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tree_bytes(t, seen) for t in tensors)
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_sizes(folder: str | Path) -> dict[str, int]:
+    """{tensor name: bytes on disk} for every tensor of the `*.safetensors` files in `folder` (headers only)."""
+    sizes: dict[str, int] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        for name, info in _safetensors_header(path).items():
+            start, end = info["data_offsets"]
+            sizes[name] = end - start
+    return sizes
+
+
+def linear_weight_bytes(sizes: dict[str, int], module_names: list[str]) -> int:
+    """Bytes of every tensor stored under `<module>.` for the given module names (weights, scales, zeros, bias)."""
+    prefixes = tuple(name + "." for name in module_names)
+    return sum(size for name, size in sizes.items() if name.startswith(prefixes))

@@ -1,0 +1,241 @@
+"""QuantLinear.forward (packed kernels and dequantize fallback) against forward_reference, and kernel selection."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from hf_ptq import kernels
+from hf_ptq.core.quant import quantize
+from hf_ptq.nn import QuantLinear
+
+BF16_EPS = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+
+
+def make_layer(
+    in_f: int = 128,
+    out_f: int = 48,
+    bits: int = 4,
+    group_size: int = 32,
+    sym: bool = False,
+    bias: bool = True,
+    compute_dtype: str = "auto",
+    seed: int = 0,
+) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_f, in_f, generator=g) * 0.05 + 0.01).to(torch.bfloat16)
+    layer = QuantLinear(in_f, out_f, bias, bits, group_size, sym, dtype=torch.bfloat16, compute_dtype=compute_dtype)
+    layer.set_quantized(quantize(w, bits, group_size, sym))
+    if bias:
+        layer.bias.data.copy_(torch.randn(out_f, generator=g) * 0.1)
+    return layer
+
+
+def activations(rows: int, in_f: int = 128, dtype=torch.bfloat16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, in_f, generator=g).to(dtype)
+
+
+def per_element(t: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """Expand per-tensor [1] / per-channel [out, 1] / per-group [out, groups] qparams to [out, in]."""
+    shape = (layer.out_features, layer.in_features)
+    if t.numel() == 1:
+        return t.reshape(1, 1).expand(shape)
+    return t.repeat_interleave(layer.in_features // t.shape[1], dim=1)
+
+
+def bf16_bound(layer: QuantLinear, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Worst-case error of a bf16 kernel, elementwise.
+
+    A kernel forms each weight from q, scale and zero point in bf16 (a few roundings, each <= eps * (|q| + |zp|) *
+    scale), accumulates the products in fp32, and rounds the output (and the bias sum) to bf16 (<= eps * |y|):
+    |y - ref| <= 4 eps * (|x| @ B^T) + 2 eps * |ref|, with B = (|q| + |zp|) * scale (the largest magnitude any
+    intermediate of the weight can take). A wrong zero point or scale is off by ~|x| @ B^T, 64x more.
+    """
+    qw = layer.quantized_weight()
+    zp = torch.zeros(1) if qw.zero_point is None else qw.zero_point.float()
+    scale, zp = per_element(qw.scale.float(), layer), per_element(zp, layer)
+    mag = (qw.q.float().abs() + zp.abs()) * scale
+    return 4 * BF16_EPS * (x.float().abs() @ mag.t()) + 2 * BF16_EPS * ref.abs() + 1e-6
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Count which matmul ran: the int4 kernel, the int8 kernel or the dequantize + dense fallback."""
+    counter: Counter = Counter()
+    for name in ("int4_cpu_matmul", "int8_matmul", "dense_matmul"):
+        original = getattr(kernels, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counter[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return counter
+
+
+def check_close(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    y = layer(x)
+    ref = layer.forward_reference(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    bound = bf16_bound(layer, x.reshape(-1, layer.in_features), ref.reshape(-1, layer.out_features))
+    err = (y.float() - ref).abs().reshape(-1, layer.out_features)
+    assert torch.all(err <= bound), (err - bound).max()
+    # On average each output suffers ~2 bf16 roundings of rms eps/sqrt(3) relative: ~0.002; a scale 2% off is 0.02.
+    assert (y.float() - ref).norm() <= 2 * BF16_EPS * ref.norm()
+    return y
+
+
+@pytest.mark.parametrize(
+    ("group_size", "sym"), [(32, False), (32, True), (64, False), (128, True), (-1, False), (-1, True), (0, False)]
+)
+@pytest.mark.parametrize("rows", (1, 5, 16))
+def test_int4_kernel_matches_reference(calls: Counter, group_size: int, sym: bool, rows: int) -> None:
+    """Few bf16 rows run the packed int4 kernel; per-channel/per-tensor scales are repeated over its groups."""
+    layer = make_layer(bits=4, group_size=group_size, sym=sym)
+    check_close(layer, activations(rows))
+    assert calls == Counter(int4_cpu_matmul=1, dense_matmul=1)  # dense_matmul once: inside forward_reference
+
+
+@pytest.mark.parametrize("bias", (True, False))
+@pytest.mark.parametrize("rows", (1, 7, 16))
+def test_int8_kernel_matches_reference(calls: Counter, bias: bool, rows: int) -> None:
+    layer = make_layer(bits=8, group_size=-1, sym=True, bias=bias)
+    check_close(layer, activations(rows))
+    assert calls == Counter(int8_matmul=1, dense_matmul=1)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym"), [(4, 32, False), (4, -1, True), (8, -1, True), (8, 32, False), (3, 32, True)]
+)
+def test_dequant_path_many_rows(calls: Counter, bits: int, group_size: int, sym: bool) -> None:
+    layer = make_layer(bits=bits, group_size=group_size, sym=sym)
+    check_close(layer, activations(kernels.KERNEL_MAX_ROWS + 40))
+    assert calls == Counter(dense_matmul=2)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "sym"), [(4, 32, False), (8, -1, True), (2, 16, False), (4, 0, True)])
+def test_fp32_compute_equals_reference(calls: Counter, bits: int, group_size: int, sym: bool) -> None:
+    """compute_dtype="float32" with fp32 input is the reference computation (up to fp32 summation order)."""
+    layer = make_layer(bits=bits, group_size=group_size, sym=sym, compute_dtype="float32")
+    for rows in (1, 40):
+        x = activations(rows, dtype=torch.float32)
+        y = layer(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, layer.forward_reference(x), rtol=1e-5, atol=1e-6)
+    assert calls == Counter(dense_matmul=4)
+
+
+def test_3d_input_shape(calls: Counter) -> None:
+    layer = make_layer()
+    x = activations(6).reshape(2, 3, 128)
+    y = check_close(layer, x)
+    assert y.shape == (2, 3, 48)
+    assert calls["int4_cpu_matmul"] == 1
+
+
+@pytest.mark.parametrize("max_rows", (0, 4, 64))
+def test_kernel_max_rows_selects_path(calls: Counter, monkeypatch: pytest.MonkeyPatch, max_rows: int) -> None:
+    monkeypatch.setattr(kernels, "KERNEL_MAX_ROWS", max_rows)
+    layer4, layer8 = make_layer(bits=4), make_layer(bits=8, group_size=-1, sym=True)
+    for rows in (1, 4, 5, 64, 65):
+        calls.clear()
+        layer4(activations(rows))
+        layer8(activations(rows))
+        kernel = rows <= max_rows
+        assert calls["int4_cpu_matmul"] == calls["int8_matmul"] == int(kernel), (rows, calls)
+        assert calls["dense_matmul"] == 2 * int(not kernel)
+
+
+def test_no_kernel_for_unsupported_layouts(calls: Counter) -> None:
+    """3-bit, asymmetric / grouped 8-bit, group 16 and in_features 48 per-channel all use the dequantize path."""
+    layers = [
+        make_layer(bits=3, group_size=32),
+        make_layer(bits=8, group_size=-1, sym=False),
+        make_layer(bits=8, group_size=32, sym=True),
+        make_layer(bits=4, group_size=16),
+        make_layer(in_f=48, bits=4, group_size=-1),
+        make_layer(in_f=48, bits=4, group_size=0, sym=True),
+    ]
+    for layer in layers:
+        calls.clear()
+        check_close(layer, activations(2, in_f=layer.in_features))
+        assert calls == Counter(dense_matmul=2), layer
+
+
+def test_auto_compute_dtype(calls: Counter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: fp32 activations run in bf16 (kernel) only on CPUs with native bf16; output keeps the input dtype."""
+    layer = make_layer()
+    x = activations(2, dtype=torch.float32)
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: True)
+    y = layer(x)
+    assert y.dtype == torch.float32 and calls["int4_cpu_matmul"] == 1
+    calls.clear()
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: False)
+    y = layer(x)
+    assert y.dtype == torch.float32 and calls == Counter(dense_matmul=1)
+    torch.testing.assert_close(y, layer.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "sym"), [(4, 32, False), (8, -1, True)])
+def test_kernel_cache_follows_new_weights(bits: int, group_size: int, sym: bool) -> None:
+    """The kernel layout is cached; set_quantized with other weights must invalidate it."""
+    layer = make_layer(bits=bits, group_size=group_size, sym=sym, seed=0)
+    x = activations(3)
+    first = layer(x)
+    other = make_layer(bits=bits, group_size=group_size, sym=sym, seed=7)
+    layer.set_quantized(other.quantized_weight())
+    layer.bias.data.copy_(other.bias)
+    second = layer(x)
+    assert torch.equal(second, other(x))
+    assert not torch.equal(first, second)
+
+
+def test_dtype_move_rebuilds_kernel_layout() -> None:
+    layer = make_layer()
+    x = activations(2)
+    y_bf16 = layer(x)
+    layer.to(torch.float16)
+    assert layer.weight_scale.dtype == torch.float16 and layer.weight_packed.dtype == torch.int32
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_bf16.float(), rtol=0.05, atol=0.05)
+
+
+def test_dequantized_weight_matches_quantized_weight() -> None:
+    layer = make_layer(bits=4, group_size=32, sym=False)
+    qw = layer.quantized_weight()
+    w = layer.dequantized_weight(torch.float32)
+    assert torch.equal(w, qw.dequantize(torch.float32))
+    assert layer.dequantized_weight().dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("bits", "group_size", "sym"), [(4, 32, False), (8, -1, True), (3, 32, True)])
+def test_non_contiguous_input(calls: Counter, bits: int, group_size: int, sym: bool) -> None:
+    """Slices such as BERT's pooler input (hidden[:, 0]) are not contiguous; the kernels need contiguous rows."""
+    layer = make_layer(bits=bits, group_size=group_size, sym=sym)
+    hidden = activations(12).reshape(3, 4, 128)
+    x = hidden[:, 0]
+    assert not x.is_contiguous()
+    y = check_close(layer, x)
+    assert torch.equal(y, layer(x.contiguous()))
+    x_t = activations(128, in_f=2).t()  # [2, 128] with transposed storage
+    check_close(layer, x_t)
+
+
+def test_weight_attribute_is_the_dequantized_weight() -> None:
+    """Code written for nn.Linear (GPT-2's _init_weights) reads `.weight`: a copy, not a parameter."""
+    layer = make_layer(bits=4, group_size=32)
+    w = layer.weight
+    assert torch.equal(w, layer.dequantized_weight()) and w.shape == (48, 128)
+    w.zero_()
+    assert torch.equal(layer.weight, layer.dequantized_weight()) and layer.weight.abs().sum() > 0
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+    with torch.device("meta"):
+        empty = QuantLinear(128, 48, False, 4, 32, False)
+    assert not hasattr(empty, "weight")  # free for the quantize-on-load placeholder
+    empty.weight = torch.nn.Parameter(torch.empty(48, 128, device="meta"), requires_grad=False)
+    with pytest.raises(AttributeError):
+        layer.no_such_attribute  # noqa: B018

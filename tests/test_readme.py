@@ -1,0 +1,32 @@
+"""The README's usage example runs as written (on the embedded SmolLM2 model, offline)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_ptq
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def usage_block() -> str:
+    text = README.read_text()
+    section = text.split("## Usage", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(usage_block(), str(README), "exec"), namespace)
+    assert "paris" in capsys.readouterr().out.lower()
+    assert isinstance(namespace["reloaded"].model.layers[0].self_attn.q_proj, hf_ptq.QuantLinear)
+    assert sorted(p.suffix for p in (tmp_path / "smollm2-rtn-w4").iterdir()) == [".json", ".json", ".safetensors"]
+    ids = namespace["inputs"]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(namespace["model"](ids).logits, namespace["reloaded"](ids).logits)
