@@ -232,3 +232,27 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with SmolLM2's real tokenizer (for scripts that tokenize and generate)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_ptq.default_model import smollm2_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama-tokenizer")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
