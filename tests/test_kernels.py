@@ -112,7 +112,7 @@ def test_int8_kernel_matches_reference(calls: Counter, bias: bool, rows: int) ->
 )
 def test_dequant_path_many_rows(calls: Counter, bits: int, group_size: int, sym: bool) -> None:
     layer = make_layer(bits=bits, group_size=group_size, sym=sym)
-    check_close(layer, activations(kernels.KERNEL_MAX_ROWS + 40))
+    check_close(layer, activations(kernels.kernel_max_rows(bits) + 40))
     assert calls == Counter(dense_matmul=2)
 
 
@@ -239,3 +239,14 @@ def test_weight_attribute_is_the_dequantized_weight() -> None:
     empty.weight = torch.nn.Parameter(torch.empty(48, 128, device="meta"), requires_grad=False)
     with pytest.raises(AttributeError):
         layer.no_such_attribute  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym"),
+    [(4, 32, False), (4, 32, True), (4, -1, False), (4, 0, False), (8, -1, True), (8, 32, False)],
+)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_dense_weight_is_the_reference_rounded_once(bits: int, group_size: int, sym: bool, dtype: torch.dtype) -> None:
+    layer = make_layer(bits=bits, group_size=group_size, sym=sym)
+    reference = layer.dequantized_weight(torch.float32).to(dtype)
+    assert torch.equal(layer._dense_weight(dtype), reference)

@@ -56,15 +56,25 @@ def _pack_rows(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)  # reinterpret the low 32 bits as signed
 
 
+def unpack_unsigned_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """4- or 8-bit words [rows, w] -> the stored unsigned values (signed value + 2^(bits-1)), uint8 [rows, n].
+
+    Whole values sit in each byte, so this reads the little-endian bytes of the words directly.
+    """
+    rows = packed.shape[0]
+    as_bytes = packed.contiguous().view(torch.uint8).view(rows, -1)
+    if bits == 8:
+        return as_bytes[:, :n]
+    return torch.stack((as_bytes & 0xF, as_bytes >> 4), -1).view(rows, -1)[:, :n]
+
+
 def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:
     """Inverse of `pack_int32`: int32 words -> signed int8 values, `n` of them along `dim`."""
     if dim == 0:
         return unpack_int32(packed.t(), bits, n, dim=1).t().contiguous()
+    if bits in (4, 8):
+        return (unpack_unsigned_bytes(packed, bits, n).to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
     rows = packed.shape[0]
-    if bits in (4, 8):  # whole values per byte: read the bytes directly (little-endian words)
-        as_bytes = packed.contiguous().view(torch.uint8).view(rows, -1).to(torch.int16)
-        vals = torch.stack((as_bytes & 0xF, as_bytes >> 4), -1).view(rows, -1) if bits == 4 else as_bytes
-        return (vals[:, :n] - (1 << (bits - 1))).to(torch.int8)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     runs = math.ceil(words.shape[1] / bits)
     words = torch.nn.functional.pad(words, (0, runs * bits - words.shape[1]))

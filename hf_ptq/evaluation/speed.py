@@ -49,7 +49,9 @@ def decode_tokens_per_s(
         "do_sample": False,
         "pad_token_id": getattr(model.generation_config, "eos_token_id", None),
     }
-    seconds = _best_seconds(lambda: model.generate(ids, **kwargs), repeats, warmup)
+    for _ in range(warmup):  # a short generation warms the same code paths
+        model.generate(ids, **(kwargs | {"max_new_tokens": min(new_tokens, 8), "min_new_tokens": min(new_tokens, 8)}))
+    seconds = _best_seconds(lambda: model.generate(ids, **kwargs), repeats, 0)
     return new_tokens / seconds
 
 

