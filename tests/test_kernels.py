@@ -165,18 +165,39 @@ def test_no_kernel_for_unsupported_layouts(calls: Counter) -> None:
         assert calls == Counter(dense_matmul=2), layer
 
 
-def test_auto_compute_dtype(calls: Counter, monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto: fp32 activations run in bf16 (kernel) only on CPUs with native bf16; output keeps the input dtype."""
+@pytest.mark.parametrize("fast_bf16", (True, False))
+@pytest.mark.parametrize("x_dtype", (torch.float32, torch.bfloat16))
+def test_auto_compute_dtype(monkeypatch: pytest.MonkeyPatch, fast_bf16: bool, x_dtype: torch.dtype) -> None:
+    """auto on CPU: few rows run the packed kernel in bf16 on every CPU; many rows dequantize and multiply in bf16
+    on CPUs with native bf16 and in fp32 on others. The output keeps the input dtype."""
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: fast_bf16)
+    seen: list[tuple[str, torch.dtype]] = []
+    for name in ("int4_cpu_matmul", "dense_matmul"):
+        original = getattr(kernels, name)
+
+        def spy(x, *args, _name=name, _original=original):
+            seen.append((_name, x.dtype))
+            return _original(x, *args)
+
+        monkeypatch.setattr(kernels, name, spy)
     layer = make_layer()
-    x = activations(2, dtype=torch.float32)
-    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: True)
+    y = layer(activations(2, dtype=x_dtype))
+    assert y.dtype == x_dtype and seen == [("int4_cpu_matmul", torch.bfloat16)]
+    seen.clear()
+    x = activations(kernels.kernel_max_rows(4) + 1, dtype=x_dtype)
     y = layer(x)
-    assert y.dtype == torch.float32 and calls["int4_cpu_matmul"] == 1
-    calls.clear()
-    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: False)
-    y = layer(x)
-    assert y.dtype == torch.float32 and calls == Counter(dense_matmul=1)
-    torch.testing.assert_close(y, layer.forward_reference(x), rtol=1e-5, atol=1e-6)
+    dense = torch.bfloat16 if fast_bf16 else torch.float32
+    assert y.dtype == x_dtype and seen == [("dense_matmul", dense)]
+    if dense == x_dtype == torch.float32:  # the reference computation itself
+        torch.testing.assert_close(y, layer.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_max_rows_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "KERNEL_MAX_ROWS", None)
+    for fast, table in ((True, kernels.MAX_ROWS_FAST_BF16), (False, kernels.MAX_ROWS_NO_BF16)):
+        monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert [kernels.kernel_max_rows(b) for b in (3, 4, 8)] == [0, table[4], table[8]]
+        assert kernels.kernel_max_rows(4, "cuda") == kernels.MAX_ROWS_FAST_BF16[4]
 
 
 @pytest.mark.parametrize(("bits", "group_size", "sym"), [(4, 32, False), (8, -1, True)])

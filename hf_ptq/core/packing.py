@@ -65,7 +65,12 @@ def unpack_unsigned_bytes(packed: torch.Tensor, bits: int, n: int) -> torch.Tens
     as_bytes = packed.contiguous().view(torch.uint8).view(rows, -1)
     if bits == 8:
         return as_bytes[:, :n]
-    return torch.stack((as_bytes & 0xF, as_bytes >> 4), -1).view(rows, -1)[:, :n]
+    # Spread each byte b into the int16 (b & 0xF) | (b >> 4) << 8, whose little-endian bytes are the low and the
+    # high nibble: viewed as uint8, the nibbles come out in order. About 3x faster than stacking two nibble tensors
+    # (an interleaving copy) on CPU.
+    wide = as_bytes.to(torch.int16)
+    spread = torch.bitwise_left_shift(wide >> 4, 8).bitwise_or_(wide.bitwise_and_(0xF))
+    return spread.view(torch.uint8).view(rows, -1)[:, :n]
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tensor:

@@ -1,10 +1,15 @@
 """Matmul kernels for packed weights, chosen per call by device, dtype, bit width and number of rows.
 
-Measured on a 2-core AVX512-BF16 CPU against bf16 `F.linear` (1536x576 weight): the int4 and int8 weight-only
-kernels of torch (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are about 2.5x faster for one row but
-about 3x slower for 512 rows, and they are only fast with bf16 activations. So: packed kernels for few rows with
-bf16 activations, dequantize + dense matmul otherwise. The dequantize path is always correct and is the
-reference the kernels are tested against.
+Two CPU classes behave differently, so the choice depends on which one runs:
+- CPUs with native bf16 (AVX512-BF16 / AMX), measured on a 2-core one against bf16 `F.linear` (1536x576):
+  torch's int4 and int8 weight-only kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, bf16
+  activations) are about 2.5x faster for one row and about 3x slower for 512; bf16 dense matmuls are fast.
+- CPUs without it (e.g. AMD Zen 3, AVX2 only), measured on a 2-core one: a bf16 `F.linear` is 2x (1 row) to 10x
+  (512 rows) slower than fp32, the packed kernels with bf16 activations still beat every dense path for few rows
+  (0.15 ms against 0.22 ms bf16 / 1.7 ms dequantize + fp32 for 1536x576, one row), and with fp32 activations
+  they are 10-15x slower. So the dequantize path computes in fp32 there.
+Both: the packed kernels run only with bf16 activations, for few rows; otherwise the weight is dequantized and a
+dense matmul runs. The dequantize path is always correct and is the reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -16,17 +21,21 @@ import torch
 import torch.nn.functional as F
 
 # Up to this many rows (tokens x batch) a layer runs its packed kernel; more rows dequantize and use a dense
-# matmul. Crossovers measured on one core for SmolLM2's layer shapes: 4-bit ~48-64 rows, 8-bit ~24-32 rows.
-DEFAULT_MAX_ROWS = {4: 48, 8: 24}
+# matmul. Crossovers measured on one core for SmolLM2's layer shapes (1536x576, 576x1536, 576x576).
+MAX_ROWS_FAST_BF16 = {4: 48, 8: 24}  # CPUs with native bf16, and CUDA
+MAX_ROWS_NO_BF16 = {4: 24, 8: 16}  # CPUs without (dense path in fp32)
 # HF_PTQ_KERNEL_MAX_ROWS overrides the threshold for every bit width (0 disables the packed kernels).
 KERNEL_MAX_ROWS: int | None = (
     int(os.environ["HF_PTQ_KERNEL_MAX_ROWS"]) if "HF_PTQ_KERNEL_MAX_ROWS" in os.environ else None
 )
 
 
-def kernel_max_rows(bits: int) -> int:
-    """Most rows a `bits`-bit layer sends through its packed kernel."""
-    return KERNEL_MAX_ROWS if KERNEL_MAX_ROWS is not None else DEFAULT_MAX_ROWS.get(bits, 0)
+def kernel_max_rows(bits: int, device_type: str = "cpu") -> int:
+    """Most rows a `bits`-bit layer sends through its packed kernel on `device_type`."""
+    if KERNEL_MAX_ROWS is not None:
+        return KERNEL_MAX_ROWS
+    table = MAX_ROWS_FAST_BF16 if device_type != "cpu" or cpu_has_fast_bf16() else MAX_ROWS_NO_BF16
+    return table.get(bits, 0)
 
 
 _INT4_GROUP_SIZES = (256, 128, 64, 32)
@@ -41,13 +50,19 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_compute_dtype(setting: str, x: torch.Tensor) -> torch.dtype:
-    """The dtype a quantized matmul runs in: `auto` is bf16 on CPUs with native bf16, else the input's dtype."""
-    if setting == "auto":
-        if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return x.dtype
-    return getattr(torch, setting)
+def compute_dtypes(setting: str, x: torch.Tensor) -> tuple[torch.dtype | None, torch.dtype]:
+    """(dtype the packed kernels run in, None when they may not run; dtype of the dequantize path) for input x.
+
+    `auto` on CPU: the kernels in bf16 (their only fast dtype), the dense path in bf16 on CPUs with native bf16
+    and in fp32 elsewhere (where bf16 matmuls are slow). `auto` on other devices: the input's dtype. An explicit
+    setting is used for both paths (the kernels only when it is bf16).
+    """
+    if setting != "auto":
+        dtype = getattr(torch, setting)
+        return (dtype if dtype == torch.bfloat16 else None), dtype
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.bfloat16, (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    return (x.dtype if x.dtype == torch.bfloat16 else None), x.dtype
 
 
 def int4_kernel_group(in_features: int, group_size: int) -> int | None:

@@ -128,11 +128,13 @@ class QuantLinear(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = kernels.resolve_compute_dtype(self.compute_dtype, x)
-        x2 = x.reshape(-1, self.in_features).to(compute).contiguous()  # the packed kernels need contiguous rows
-        y = self._packed_kernel(x2)
+        kernel_dtype, dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)
+        x2 = x.reshape(-1, self.in_features)
+        y = None
+        if kernel_dtype is not None:
+            y = self._packed_kernel(x2, kernel_dtype)
         if y is None:
-            y = kernels.dense_matmul(x2, self._dense_weight(compute), None)
+            y = kernels.dense_matmul(x2.to(dense_dtype), self._dense_weight(dense_dtype), None)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -142,16 +144,19 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return kernels.dense_matmul(x.float(), self.dequantized_weight(torch.float32), bias)
 
-    def _packed_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """Run a packed-weight kernel when one fits this call, else None."""
-        rows = x2.shape[0]
-        if rows > kernels.kernel_max_rows(self.bits) or x2.dtype != torch.bfloat16 or self.weight_g_idx is not None:
+    def _packed_kernel(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Run a packed-weight kernel on x2 [rows, in] cast to `dtype` when one fits this call, else None."""
+        rows, device = x2.shape[0], x2.device
+        if rows > kernels.kernel_max_rows(self.bits, device.type) or self.weight_g_idx is not None:
             return None
-        if x2.device.type == "cpu" and self.bits == 4:
-            entry = self._cached("int4_cpu", x2.device, self._build_int4_cpu)
+        if dtype != torch.bfloat16:
+            return None
+        x2 = x2.to(dtype).contiguous()  # the packed kernels need contiguous rows
+        if device.type == "cpu" and self.bits == 4:
+            entry = self._cached("int4_cpu", device, self._build_int4_cpu)
             return None if entry is None else kernels.int4_cpu_matmul(x2, *entry)
-        if self.bits == 8 and self.sym and self.group_size == -1 and x2.device.type in ("cpu", "cuda"):
-            q, scale = self._cached("int8", x2.device, self._build_int8)
+        if self.bits == 8 and self.sym and self.group_size == -1 and device.type in ("cpu", "cuda"):
+            q, scale = self._cached("int8", device, self._build_int8)
             return kernels.int8_matmul(x2, q, scale)
         return None
 
