@@ -38,33 +38,60 @@ CONTENDED = 0.25  # cores used by other processes above which a timing round is 
 class Method:
     label: str
     hf_ptq: bool  # an hf_ptq row (the acceptance targets apply)
+    calibrated: bool = False  # quantizes with the protocol's calibration data
+    external: str | None = None  # run by another library's worker in its own virtualenv (llm-compressor)
 
 
 METHODS = {
     "bf16": Method("bf16", False),
     "rtn-w4": Method("hf_ptq rtn w4 g64", True),
     "int8": Method("hf_ptq int8", True),
+    "gptq-w4": Method("hf_ptq gptq w4 g64", True, calibrated=True),
+    "gptq-w4-act": Method("hf_ptq gptq w4 g64 act-order", True, calibrated=True),
+    "llmc-gptq": Method("llm-compressor gptq w4 g64", False, calibrated=True, external="gptq"),
     "bnb-nf4": Method("bnb nf4", False),
     "bnb-int8": Method("bnb int8", False),
 }
+DEFAULT_METHODS = [m for m in METHODS if m != "llmc-gptq"]  # llm-compressor runs when --llmc-python is given
 
 
-def quantization_config(method: str):
-    """The `quantization_config` passed to `from_pretrained` for a row (None for bf16)."""
+def quantization_config(method: str, calibration=None):
+    """The `quantization_config` passed to `from_pretrained` for a row (None for bf16).
+
+    `calibration`: LongTensor [num_samples, seq_len] of the protocol (calibrated rows only).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
     import hf_ptq
 
+    def gptq(desc_act: bool):
+        n, seq = calibration.shape
+        return hf_ptq.PtqConfig(
+            method="gptq", bits=4, group_size=64, sym=False, desc_act=desc_act, dataset=calibration,
+            num_samples=n, seq_len=seq,
+        )  # fmt: skip
+
     return {
         "bf16": lambda: None,
         "rtn-w4": lambda: hf_ptq.PtqConfig(method="rtn", bits=4, group_size=64, sym=False),
         "int8": lambda: hf_ptq.PtqConfig(method="int8"),
+        "gptq-w4": lambda: gptq(False),
+        "gptq-w4-act": lambda: gptq(True),
         "bnb-nf4": lambda: BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         ),
         "bnb-int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
     }[method]()
+
+
+def calibration_ids(tokenizer, args: argparse.Namespace):
+    """The protocol's calibration set: the first `--calib-samples` consecutive `--calib-len`-token chunks of the
+    tokenized `valid.txt`, LongTensor [samples, len]."""
+    from hf_ptq import evaluation as ev
+
+    ids = tokenizer((_data_dir(args) / "valid.txt").read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    return ev.token_windows(ids, args.calib_len, args.calib_samples)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -82,7 +109,9 @@ def run_worker(method: str, args: argparse.Namespace) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ckpt = smollm2_checkpoint()
-    cfg = quantization_config(method)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    calibration = calibration_ids(tok, args) if METHODS[method].calibrated and not args.load_from else None
+    cfg = quantization_config(method, calibration)
     res: dict = {"method": method, "errors": {}, "threads": torch.get_num_threads()}
     res["kernel_max_rows"] = os.environ.get("HF_PTQ_KERNEL_MAX_ROWS", "default")
 
@@ -95,7 +124,6 @@ def run_worker(method: str, args: argparse.Namespace) -> dict:
     res["load_s"] = time.perf_counter() - start
     res["peak_load"], res["rss_loaded"] = ev.peak_rss_bytes(), ev.current_rss_bytes()
     res["model_bytes"] = ev.model_bytes(model)
-    tok = AutoTokenizer.from_pretrained(ckpt)
 
     # 2. checkpoint size on disk; Linear bytes against the bf16 checkpoint's
     if not args.speed_only:
@@ -212,10 +240,48 @@ def spawn(method: str, args: argparse.Namespace, extra: list[str], env_extra: di
         return res
 
 
+def spawn_external(method: str, args: argparse.Namespace) -> dict:
+    """Run another library's worker (`llmcompressor_worker.py`) with its own virtualenv's python; its result
+    mapped onto this script's keys, or {"errors": ...} when that virtualenv is missing or the run fails."""
+    from hf_ptq.default_model import smollm2_checkpoint
+
+    python = args.llmc_python
+    if python is None or not Path(python).exists():
+        return {"method": method, "errors": {"worker": "llm-compressor not installed (see benchmarks/README.md)"}}
+    with tempfile.TemporaryDirectory(prefix="bench-ext-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [python, str(Path(__file__).resolve().parent / "llmcompressor_worker.py"), "--method"]
+        cmd += [METHODS[method].external, "--model", str(smollm2_checkpoint()), "--data", str(_data_dir(args))]
+        cmd += ["--num-samples", str(args.calib_samples), "--seq-len", str(args.calib_len)]
+        cmd += ["--windows", str(args.windows), "--json-out", str(out)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            print(proc.stderr[-3000:], file=sys.stderr)
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            return {"method": method, "errors": {"worker": lines[-1][:160] if lines else f"exit {proc.returncode}"}}
+        ext = json.loads(out.read_text())
+    return {
+        "method": method,
+        "errors": {},
+        "external": ext,
+        "worker_s": time.perf_counter() - start,
+        "load_s": ext["load_s"] + ext["quant_s"],
+        "quant_s": ext["quant_s"],
+        "peak_load": ext["peak_rss_mb"] * 2**20,  # ru_maxrss of the whole run (load, quantization, evaluation)
+        "ppl": ext["ppl"],
+    }
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return args.data if args.data.is_dir() else args.data.parent
+
+
 def worker_args(args: argparse.Namespace) -> list[str]:
     out = ["--data", str(args.data), "--windows", str(args.windows), "--kl-windows", str(args.kl_windows)]
     out += ["--new-tokens", str(args.new_tokens), "--wait-idle", str(args.wait_idle)]
     out += ["--prefill-repeats", str(args.prefill_repeats), "--rounds", str(args.rounds)]
+    out += ["--calib-samples", str(args.calib_samples), "--calib-len", str(args.calib_len)]
     return out
 
 
@@ -238,7 +304,7 @@ def results_table(results: dict[str, dict]) -> str:
     )
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for method, r in results.items():
-        incr = r["peak_load"] - r["rss_before"] if "peak_load" in r else None
+        incr = r["peak_load"] - r["rss_before"] if "peak_load" in r and "rss_before" in r else None
         ratio = incr / r["model_bytes"] if incr is not None and r.get("model_bytes") else None
         linear = r["linear_bytes"] / r["linear_bf16_bytes"] if r.get("linear_bf16_bytes") else None
         worker_err = r.get("errors", {}).get("worker")
@@ -264,6 +330,10 @@ def results_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+# Perplexity targets of the calibrated rows on this protocol (issue targets; fp32 25.60, RTN 32.67).
+PPL_TARGETS = {"gptq-w4": 27.5, "gptq-w4-act": 27.5}
+
+
 def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, bool | None]]:
     """(description, measured ratio, target, passed) for every acceptance criterion this run can evaluate."""
     checks = []
@@ -273,7 +343,20 @@ def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, b
         return x / y if x is not None and y else None
 
     for m in (m for m in results if METHODS[m].hf_ptq):
-        label = METHODS[m].label
+        label, res = METHODS[m].label, results[m]
+        if METHODS[m].calibrated:
+            ppl = res.get("ppl")
+            checks.append((f"perplexity, {label}", ppl, f"<= {PPL_TARGETS[m]}", _le(ppl, PPL_TARGETS[m])))
+            if "rtn-w4" in results:
+                r = ratio(m, "rtn-w4", "ppl")
+                checks.append((f"perplexity {label} / hf_ptq rtn w4 g64", r, "< 1", _le(r, 1.0 - 1e-9)))
+            if "llmc-gptq" in results:
+                r = ratio(m, "llmc-gptq", "load_s")
+                checks.append((f"load+quantize time {label} / llm-compressor", r, "<= 0.5", _le(r, 0.5)))
+            if "bf16" in results:
+                r = ratio(m, "bf16", "peak_load")
+                checks.append((f"peak RSS {label} / bf16 row's peak RSS", r, "<= 1.3", _le(r, 1.3)))
+            continue
         for base, target in (("bf16", 1.5), ("bnb-nf4", 1.0)):
             if base in results:
                 r = ratio(m, base, "decode_tps")
@@ -281,7 +364,6 @@ def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, b
         if "bf16" in results:
             r = ratio(m, "bf16", "prefill_tps")
             checks.append((f"prefill {label} / bf16", r, ">= 0.9", _ge(r, 0.9)))
-        res = results[m]
         r = (res["peak_load"] - res["rss_before"]) / res["model_bytes"] if "peak_load" in res else None
         checks.append((f"peak RSS increase while loading / model size, {label}", r, "<= 1.2", _le(r, 1.2)))
         if m == "rtn-w4":
@@ -369,7 +451,8 @@ def run_parent(args: argparse.Namespace) -> int:
     for method in methods:
         print(f"[bench] {method} ...", file=sys.stderr, flush=True)
         extra = worker_args(args) + ["--save-dir", str(keep / method)]
-        results[method] = r = spawn(method, args, extra)
+        external = METHODS[method].external
+        results[method] = r = spawn_external(method, args) if external else spawn(method, args, extra)
         r["speed_passes"] = [{k: r.get(k) for k in SPEED_KEYS}]
         print(
             f"[bench] {method}: {r.get('worker_s', 0):.0f}s, errors={r.get('errors')}",
@@ -380,7 +463,8 @@ def run_parent(args: argparse.Namespace) -> int:
     # extra speed-only passes, interleaved over the methods, so that a slow phase of the machine does not decide
     # one row's speed: every row keeps its best prefill / decode over all passes
     for n in range(1, args.speed_passes):
-        for method in (m for m in methods if "errors" not in results[m] or not results[m]["errors"].get("worker")):
+        timed = [m for m in methods if not METHODS[m].external and not results[m].get("errors", {}).get("worker")]
+        for method in timed:
             print(f"[bench] speed pass {n + 1}: {method} ...", file=sys.stderr, flush=True)
             merge_speed(results[method], spawn(method, args, worker_args(args) + ["--speed-only"]))
 
@@ -431,7 +515,16 @@ def run_parent(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated rows from {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated rows from {', '.join(METHODS)}"
+    )
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration chunks from valid.txt")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration chunk")
+    p.add_argument(
+        "--llmc-python",
+        default=os.environ.get("HF_PTQ_LLMC_PYTHON"),
+        help="python of a virtualenv with llm-compressor: adds the llmc-gptq row (env HF_PTQ_LLMC_PYTHON)",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="wikitext-2 folder (test.txt) or a text file")
     p.add_argument("--windows", type=int, default=40, help="perplexity windows (non-overlapping)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (also the prefill length)")
@@ -454,6 +547,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prefill-rows", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.llmc_python and "llmc-gptq" not in args.methods.split(","):
+        args.methods += ",llmc-gptq"
     if args.quick:
         args.windows, args.kl_windows, args.new_tokens = min(args.windows, 4), min(args.kl_windows, 2), 16
         args.prefill_repeats, args.rounds, args.wait_idle = 1, 1, min(args.wait_idle, 5.0)

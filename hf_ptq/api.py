@@ -6,31 +6,36 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from .calibration.data import calibration_batches
 from .config import PtqConfig
 from .methods import method_spec
 from .nn import QuantLinear, quantizable_linears
 from .nn.replace import check_group_size, replace_linears
+from .pipeline import calibrate_and_quantize
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, config: PtqConfig) -> nn.Module:
+def quantize(model: nn.Module, config: PtqConfig, tokenizer=None) -> nn.Module:
     """Quantize the Linears of an in-memory transformers model in place, as `from_pretrained` would.
 
-    The result saves with `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
+    Calibrated methods (`gptq`) run the sequential pipeline on `config.dataset`; text is tokenized with
+    `tokenizer` (default: `config.tokenizer`, else the tokenizer of the model's repo). The result saves with
+    `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
     """
-    from .formats.hub import attach_push_to_hub
-    from .quantizer import PtqHfQuantizer
-
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("quantize(): this model is already quantized by hf_ptq.")
     spec = method_spec(config.method)
-    if spec.needs_calibration:
-        raise NotImplementedError(f"method={config.method!r} needs calibration, which this version cannot run yet.")
     skip = HfQuantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
     )
     originals = dict(quantizable_linears(model, skip))
     check_group_size(list(originals.items()), config.group_size)
+    if spec.needs_calibration:
+        batches = None
+        if config.dataset is not None:
+            batches = calibration_batches(config, tokenizer, getattr(model, "name_or_path", None))
+        calibrate_and_quantize(model, config, skip, batches)
+        return _mark_quantized(model, config, skip)
     replace_linears(
         model,
         bits=config.bits,
@@ -48,6 +53,14 @@ def quantize(model: nn.Module, config: PtqConfig) -> nn.Module:
         module.set_quantized(spec.quantize_weight(weight, config))
         if original.bias is not None:
             module.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
+    return _mark_quantized(model, config, skip)
+
+
+def _mark_quantized(model: nn.Module, config: PtqConfig, skip: list[str]) -> nn.Module:
+    """Attach the quantizer and config transformers expects on a quantized model (for save / reload / push)."""
+    from .formats.hub import attach_push_to_hub
+    from .quantizer import PtqHfQuantizer
+
     quantizer = PtqHfQuantizer(config, pre_quantized=False)
     quantizer.modules_to_not_convert = skip
     model.hf_quantizer = quantizer

@@ -14,12 +14,36 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .calibration.describe import describe_dataset
 from .methods import method_names, method_spec
+from .methods.gptq import stores_g_idx
 
 QUANT_METHOD = "hf_ptq"
 
 _ALLOWED_BITS = (2, 3, 4, 8)
 _COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DEFAULTS = {"bits": 4, "group_size": 128, "sym": False}
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# Method-specific fields: default, check, allowed values. `None` means "not set"; a method that does not list the
+# field in its `MethodSpec.fields` rejects any other value.
+_METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "desc_act": (False, _is_bool, "True or False"),
+    "static_groups": (False, _is_bool, "True or False"),
+    "true_sequential": (True, _is_bool, "True or False"),
+    "damp_percent": (
+        0.01,
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+        "a number in (0, 1], e.g. 0.01",
+    ),
+    "block_size": (128, _is_positive_int, "a positive integer (columns per lazy GPTQ update, e.g. 128)"),
+}
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
@@ -37,7 +61,12 @@ class PtqConfig(QuantizationConfigMixin):
         sym: symmetric (no zero point) when True, asymmetric (scale and zero point) when False (default).
         modules_to_not_convert: module names (or suffixes / regexes, as transformers matches them) kept in
             full precision; the output embedding is always kept.
-        dataset, num_samples, seq_len, batch_size: calibration data for methods that need it.
+        dataset, num_samples, seq_len, batch_size: calibration data for methods that need it (see
+            docs/calibration.md): a list of texts, token ids (LongTensor [n, seq] or lists), a `datasets.Dataset`, a
+            text file path, `"wikitext2"` / `"c4"`, or None for text sampled from the model itself.
+        tokenizer: tokenizer (or its name / folder) for text calibration data; default: the model's own.
+        desc_act, static_groups, damp_percent, true_sequential, block_size: GPTQ options (see docs/gptq.md); only
+            accepted with `method="gptq"`.
         compute_dtype: dtype of the quantized matmuls: `"auto"` (bf16 on CPUs with native bf16, where the packed
             kernels are fast, else the activations' dtype) or `"bfloat16"` / `"float16"` / `"float32"`.
     """
@@ -54,6 +83,12 @@ class PtqConfig(QuantizationConfigMixin):
         seq_len: int = 512,
         batch_size: int = 8,
         compute_dtype: str = "auto",
+        tokenizer: Any = None,
+        desc_act: bool | None = None,
+        static_groups: bool | None = None,
+        damp_percent: float | None = None,
+        true_sequential: bool | None = None,
+        block_size: int | None = None,
         quant_method: str = QUANT_METHOD,
         **saved: Any,
     ) -> None:
@@ -70,6 +105,12 @@ class PtqConfig(QuantizationConfigMixin):
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.compute_dtype = compute_dtype
+        self.tokenizer = tokenizer
+        self.desc_act = desc_act
+        self.static_groups = static_groups
+        self.damp_percent = damp_percent
+        self.true_sequential = true_sequential
+        self.block_size = block_size
         # Keys written by `to_dict` that are not constructor arguments (dataset description, version).
         self.dataset_description = saved.pop("dataset_description", None)
         self.format_version = saved.pop("format_version", 1)
@@ -77,7 +118,7 @@ class PtqConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"PtqConfig got unknown field(s) {sorted(saved)}; known fields: "
                 "method, bits, group_size, sym, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, "
-                "compute_dtype."
+                "compute_dtype, tokenizer, " + ", ".join(_METHOD_FIELDS) + "."
             )
         self.post_init()
 
@@ -115,17 +156,42 @@ class PtqConfig(QuantizationConfigMixin):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise _fail(field, value, "a positive integer")
+        for field, (default, check, allowed) in _METHOD_FIELDS.items():
+            value = getattr(self, field)
+            if field not in spec.fields:
+                if value is not None:
+                    users = [n for n in names if field in method_spec(n).fields]
+                    raise ValueError(
+                        f"PtqConfig.{field}={value!r} does not apply to method={self.method!r}; it is an option of "
+                        f"method={' / '.join(repr(u) for u in users)}. Drop {field} or change the method."
+                    )
+                continue
+            if value is None:
+                setattr(self, field, default)
+            elif not check(value):
+                raise _fail(field, value, allowed)
+        tok = self.tokenizer
+        if tok is not None and not isinstance(tok, str) and not callable(tok):
+            raise _fail("tokenizer", tok, "a tokenizer, a tokenizer name or folder, or None (the model's own)")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
         if self.dataset is not None:
             self.dataset_description = describe_dataset(self.dataset)
+        elif spec.needs_calibration and self.dataset_description is None:
+            self.dataset_description = {"source": "sampled-from-model"}
 
     # --- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: the calibration data itself is replaced by its description."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "dataset"}
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
         out["dataset"] = None
+        out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
         return out
+
+    @property
+    def act_order_modules(self) -> bool:
+        """Whether quantized layers carry a `weight_g_idx` (GPTQ act-order with dynamic groups)."""
+        return bool(self.desc_act) and stores_g_idx(True, bool(self.static_groups), self.group_size)
 
     def __iter__(self):
         yield from self.to_dict().items()
@@ -136,4 +202,7 @@ class PtqConfig(QuantizationConfigMixin):
     def describe(self) -> str:
         """One line for logs and model cards, e.g. `rtn w4 g128 asym`."""
         gran = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
-        return f"{self.method} w{self.bits} {gran} {'sym' if self.sym else 'asym'}"
+        text = f"{self.method} w{self.bits} {gran} {'sym' if self.sym else 'asym'}"
+        if self.desc_act:
+            text += " act-order" + (" static-groups" if self.static_groups else "")
+        return text

@@ -6,6 +6,9 @@ import hashlib
 import os
 from typing import Any
 
+# Dataset names loaded through `datasets` (see `hf_ptq.calibration.data`).
+DATASET_NAMES = ("wikitext2", "c4")
+
 
 def _digest(parts: list[bytes]) -> str:
     h = hashlib.sha256()
@@ -17,20 +20,38 @@ def _digest(parts: list[bytes]) -> str:
 
 def describe_dataset(dataset: Any) -> dict[str, Any]:
     """Source kind, size and a short content hash of `dataset`; raises ValueError for unsupported types."""
+    if isinstance(dataset, os.PathLike):
+        dataset = os.fspath(dataset)
     if isinstance(dataset, str):
-        if os.path.exists(dataset):
+        if os.path.isfile(dataset):
+            if os.path.getsize(dataset) == 0:
+                raise ValueError(f"PtqConfig.dataset: the file {dataset!r} is empty.")
             return {"source": "file", "name": os.path.basename(dataset), "bytes": os.path.getsize(dataset)}
         if not dataset.strip():
             raise ValueError(
                 "PtqConfig.dataset is an empty string: pass a dataset name, a file path or a list of texts."
+            )
+        if dataset not in DATASET_NAMES:
+            raise ValueError(
+                f"PtqConfig.dataset={dataset!r} is neither an existing text file nor a known dataset name; known "
+                f"names: {', '.join(map(repr, DATASET_NAMES))} (or pass texts, token ids, a datasets.Dataset, or "
+                "None to calibrate on text sampled from the model)."
             )
         return {"source": "name", "name": dataset}
     if isinstance(dataset, (list, tuple)):
         if not dataset:
             raise ValueError("PtqConfig.dataset is an empty list: pass at least one text or token sequence.")
         if all(isinstance(t, str) for t in dataset):
+            empty = [i for i, t in enumerate(dataset) if not t.strip()]
+            if empty:
+                raise ValueError(
+                    f"PtqConfig.dataset[{empty[0]}] is an empty string ({len(empty)} of {len(dataset)} texts are "
+                    "empty): drop them, e.g. [t for t in texts if t.strip()]."
+                )
             return {"source": "texts", "count": len(dataset), "sha256": _digest([t.encode() for t in dataset])}
         if all(isinstance(t, (list, tuple)) and all(isinstance(i, int) for i in t) for t in dataset):
+            if any(len(t) == 0 for t in dataset):
+                raise ValueError("PtqConfig.dataset: a token id list is empty.")
             return {
                 "source": "token_ids",
                 "count": len(dataset),
@@ -41,12 +62,14 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         import torch
 
         if isinstance(dataset, torch.Tensor):
-            if dataset.dtype != torch.long or dataset.ndim != 2:
+            if dataset.dtype != torch.long or dataset.ndim != 2 or dataset.numel() == 0:
                 raise ValueError("PtqConfig.dataset: a tensor must be a LongTensor of token ids shaped [n, seq].")
             return {"source": "tensor", "shape": list(dataset.shape), "sha256": _digest([dataset.numpy().tobytes()])}
     except ImportError:  # pragma: no cover
         pass
     if hasattr(dataset, "column_names") and hasattr(dataset, "num_rows"):
+        if dataset.num_rows == 0:
+            raise ValueError("PtqConfig.dataset: the datasets.Dataset has no rows.")
         return {
             "source": "datasets.Dataset",
             "rows": int(dataset.num_rows),

@@ -1,7 +1,9 @@
 """Registry of quantization algorithms: a dict of `MethodSpec` and a decorator that fills it.
 
 A method is a function of a weight (and, for calibrated methods, collected statistics) that returns a
-`QuantizedWeight`. Methods do no module surgery and no I/O.
+`QuantizedWeight`. Methods do no module surgery and no I/O. A calibrated method names the statistics it needs:
+a class built as `statistics(in_features)` whose `add_batch(x [..., in])` the pipeline calls with the inputs of
+the Linears it will quantize; the method is then called as `fn(weight [out, in], config, stats)`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ class MethodSpec:
     summary: str
     needs_calibration: bool = False
     forced_fields: dict[str, Any] = field(default_factory=dict)
+    statistics: Callable[[int], Any] | None = None  # calibrated methods: per-input statistics accumulator
+    fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
 
 
-def register_method(name: str, summary: str, needs_calibration: bool = False, **forced_fields: Any):
-    """Decorator: register `fn(weight [out, in], config) -> QuantizedWeight` under `name`."""
+def register_method(
+    name: str,
+    summary: str,
+    needs_calibration: bool = False,
+    statistics: Callable[[int], Any] | None = None,
+    fields: tuple[str, ...] = (),
+    **forced_fields: Any,
+):
+    """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight` under `name`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _METHODS[name] = MethodSpec(name, fn, summary, needs_calibration, dict(forced_fields))
+        _METHODS[name] = MethodSpec(
+            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields)
+        )
         return fn
 
     return wrap
@@ -45,4 +58,4 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def _load_builtin() -> None:
-    from . import rtn  # noqa: F401  (registers rtn and int8)
+    from . import gptq, rtn  # noqa: F401  (registers gptq, rtn and int8)

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from ..core.quant import QuantizedWeight
 from .quant_linear import QuantLinear
 
 
@@ -17,6 +18,41 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.nf
     return module.in_features, module.out_features
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of a Linear or of GPT-2's Conv1D (stored [in, out])."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def filled_quant_linear(
+    module: nn.Module,
+    qw: QuantizedWeight,
+    *,
+    sym: bool,
+    dtype: torch.dtype,
+    compute_dtype: str = "auto",
+    device: torch.device | str | None = None,
+) -> QuantLinear:
+    """A `QuantLinear` holding `qw` (and `module`'s bias) in place of the Linear / Conv1D `module`."""
+    in_f, out_f = _shape(module)
+    new = QuantLinear(
+        in_f,
+        out_f,
+        module.bias is not None,
+        qw.bits,
+        qw.group_size,
+        sym,
+        dtype=dtype,
+        act_order=qw.g_idx is not None,
+        compute_dtype=compute_dtype,
+        device=device,
+    )
+    new.transposed_source = isinstance(module, Conv1D)
+    new.set_quantized(qw)
+    if module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
+    return new
 
 
 def quantizable_linears(model: nn.Module, skip: list[str] | None) -> Iterator[tuple[str, nn.Module]]:

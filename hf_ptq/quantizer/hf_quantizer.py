@@ -9,8 +9,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
+from ..calibration.data import calibration_batches
 from ..methods import method_spec
-from ..nn import QuantLinear, replace_linears
+from ..nn import QuantLinear, quantizable_linears, replace_linears
+from ..nn.replace import check_group_size
+from ..pipeline import calibrate_and_quantize
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -21,22 +24,23 @@ logger = logging.get_logger("hf_ptq")
 
 
 class PtqHfQuantizer(HfQuantizer):
-    """Quantize-on-load for calibration-free methods; rebuilds packed modules for saved hf_ptq checkpoints."""
+    """Quantize-on-load for calibration-free methods, calibrate-after-load for calibrated ones (GPTQ); rebuilds
+    packed modules for saved hf_ptq checkpoints."""
 
     requires_calibration = False
     quantization_config: PtqConfig
 
-    def validate_environment(self, *args, **kwargs) -> None:
-        spec = method_spec(self.quantization_config.method)
-        if spec.needs_calibration and not self.pre_quantized:
-            raise NotImplementedError(f"method={spec.name!r} needs calibration, which this version cannot run yet.")
+    @property
+    def calibrating(self) -> bool:
+        """True when this load quantizes with a calibrated method (float weights load first, then calibration)."""
+        return not self.pre_quantized and method_spec(self.quantization_config.method).needs_calibration
 
     @property
     def quantized_element_size(self) -> float:
         return self.quantization_config.bits / 8
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self.calibrating:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QuantLinear) and tensor_name == "weight"
@@ -46,16 +50,25 @@ class PtqHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, model._keep_in_fp32_modules, add_default_skips=True
         )
-        names = replace_linears(
-            model,
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            sym=cfg.sym,
-            skip=self.modules_to_not_convert,
-            dtype=dtype or model.dtype,
-            compute_dtype=cfg.compute_dtype,
-            expect_float_weight=not self.pre_quantized,
-        )
+        if self.calibrating:  # float weights load normally; check what can fail before reading them
+            targets = list(quantizable_linears(model, self.modules_to_not_convert))
+            check_group_size(targets, cfg.group_size)
+            self._batches = None
+            if cfg.dataset is not None:
+                self._batches = calibration_batches(cfg, model_path=getattr(model, "name_or_path", None))
+            names = [n for n, _ in targets]
+        else:
+            names = replace_linears(
+                model,
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                sym=cfg.sym,
+                skip=self.modules_to_not_convert,
+                dtype=dtype or model.dtype,
+                compute_dtype=cfg.compute_dtype,
+                act_order=self.pre_quantized and cfg.act_order_modules,
+                expect_float_weight=not self.pre_quantized,
+            )
         if not names:
             logger.warning("hf_ptq: no Linear layer to quantize was found; the model is left in full precision.")
         return model
@@ -63,6 +76,9 @@ class PtqHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
         from ..formats.hub import attach_push_to_hub
 
+        if self.calibrating:
+            batches, self._batches = self._batches, None
+            calibrate_and_quantize(model, self.quantization_config, self.modules_to_not_convert, batches)
         model.add_model_tags(["hf-ptq", self.quantization_config.method, f"{self.quantization_config.bits}-bit"])
         attach_push_to_hub(model)
         return model

@@ -1,0 +1,91 @@
+"""Data-free calibration (`dataset=None`): text sampled from the model itself, no data and no network needed.
+
+Pieces of `piece_len` tokens are sampled from the BOS token with top-k sampling, many in parallel, seeded (the
+global RNG is left untouched), then concatenated and cut into samples of `seq_len`. Sampling costs about one
+forward per token, so the total is capped at `max_tokens` (fewer samples, with a log line). Models that cannot
+generate (encoders) get uniformly random token ids instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("hf_ptq")
+
+DEFAULT_MAX_TOKENS = 16384
+
+
+def _bos_id(model: nn.Module) -> int:
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        for name in ("bos_token_id", "decoder_start_token_id", "eos_token_id"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+    return 0
+
+
+def input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.device.type == "meta":  # offloaded: accelerate moves inputs itself
+        return torch.device("cpu")
+    return weight.device
+
+
+@torch.no_grad()
+def sample_from_model(
+    model: nn.Module,
+    num_samples: int,
+    seq_len: int,
+    *,
+    piece_len: int = 128,
+    parallel: int = 64,
+    top_k: int = 50,
+    seed: int = 0,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> list[torch.Tensor]:
+    """`min(num_samples, max_tokens // seq_len)` (at least 1) samples, LongTensors [seq_len]."""
+    count = max(1, min(num_samples, max_tokens // seq_len))
+    if count < num_samples:
+        logger.warning(
+            "hf_ptq: data-free calibration samples %d x %d tokens from the model (capped at %d tokens), not the "
+            "requested num_samples=%d; pass a dataset for more.",
+            count,
+            seq_len,
+            max(max_tokens, seq_len),
+            num_samples,
+        )
+    total = count * seq_len
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        logger.info("hf_ptq: %s cannot generate; calibrating on random token ids.", type(model).__name__)
+        return list(torch.randint(0, vocab, (count, seq_len), generator=generator))
+    piece_len = min(piece_len, seq_len)
+    pieces, produced = [], 0
+    bos, device = _bos_id(model), input_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while produced < total:
+            n = min(parallel, -(-(total - produced) // piece_len))
+            start = torch.full((n, 1), bos, dtype=torch.long, device=device)
+            out = model.generate(
+                start,
+                attention_mask=torch.ones_like(start),
+                do_sample=True,
+                top_k=top_k,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=piece_len - 1,
+                min_new_tokens=piece_len - 1,
+                pad_token_id=bos,
+            )
+            pieces.append(out.cpu().reshape(-1))
+            produced += out.numel()
+    flat = torch.cat(pieces)[:total]
+    return list(flat.reshape(count, seq_len))

@@ -1,0 +1,56 @@
+"""Reading float weights and installing quantized modules, also where accelerate has offloaded a block.
+
+With accelerate's offloading (CPU or disk), a Linear's weight sits on the meta device between forwards and its
+`_hf_hook` loads it for each call. The weight is read inside `align_module_device`, and the `QuantLinear` that
+replaces the Linear is placed on the hook's execution device (packed weights are small) with no hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import align_module_device, has_offloaded_params
+from torch import nn
+
+from ..core.quant import QuantizedWeight
+from ..nn.replace import filled_quant_linear, float_weight
+
+
+def read_float_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] float weight of a Linear / Conv1D, materialized if offloaded."""
+    if has_offloaded_params(module):
+        with align_module_device(module):
+            return float_weight(module).detach().clone()
+    return float_weight(module).detach()
+
+
+def execution_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return weight.device
+
+
+def install_quantized(
+    scope: nn.Module, name: str, module: nn.Module, qw: QuantizedWeight, config, dtype: torch.dtype
+) -> None:
+    """Replace `scope.<name>` (the float `module`) by a `QuantLinear` holding `qw`."""
+    device = execution_device(module, qw.q)
+    qw = QuantizedWeight(
+        qw.q.to(device),
+        qw.scale.to(device),
+        None if qw.zero_point is None else qw.zero_point.to(device),
+        qw.bits,
+        qw.group_size,
+        None if qw.g_idx is None else qw.g_idx.to(device),
+    )
+    if has_offloaded_params(module):
+        with align_module_device(module):
+            new = filled_quant_linear(
+                module, qw, sym=config.sym, dtype=dtype, compute_dtype=config.compute_dtype, device=device
+            )
+    else:
+        new = filled_quant_linear(
+            module, qw, sym=config.sym, dtype=dtype, compute_dtype=config.compute_dtype, device=device
+        )
+    scope.set_submodule(name, new)

@@ -1,0 +1,32 @@
+"""Entry point for calibrated methods: calibration batches (or samples from the model), then the block walk."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..calibration.data import make_batches
+from ..calibration.self_generated import sample_from_model
+from .sequential import quantize_blocks
+
+logger = logging.getLogger("hf_ptq")
+
+
+@torch.no_grad()
+def calibrate_and_quantize(
+    model: nn.Module, config, skip: list[str] | None, batches: list[torch.Tensor] | None
+) -> list[str]:
+    """Quantize `model` in place with the calibrated `config.method`; `batches=None`: calibrate on model samples."""
+    was_training = model.training
+    model.eval()
+    try:
+        if batches is None:
+            samples = sample_from_model(model, config.num_samples, config.seq_len)
+            batches = make_batches(samples, config.batch_size)
+        names = quantize_blocks(model, config, batches, skip)
+    finally:
+        model.train(was_training)
+    logger.info("hf_ptq: quantized %d layers with %s", len(names), config.describe())
+    return names
