@@ -408,12 +408,24 @@ def machine_line(results: dict[str, dict], args: argparse.Namespace) -> str:
     import torch
 
     threads = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
+    from hf_ptq.kernels import cpu_has_fast_bf16
+
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"{_cpu_model() or platform.machine()}, {os.cpu_count()} CPUs, native bf16: "
+        f"{'yes' if cpu_has_fast_bf16() else 'no'}, torch {torch.__version__} "
         f"({threads} threads); windows={args.windows}x{args.window} tokens, KL on {args.kl_windows} windows, "
         f"decode {args.new_tokens} new tokens, "
         f"HF_PTQ_KERNEL_MAX_ROWS={os.environ.get('HF_PTQ_KERNEL_MAX_ROWS', 'default')}"
     )
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 SPEED_KEYS = ("prefill_tps", "decode_tps", "others_cpu")

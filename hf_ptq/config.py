@@ -67,8 +67,9 @@ class PtqConfig(QuantizationConfigMixin):
         tokenizer: tokenizer (or its name / folder) for text calibration data; default: the model's own.
         desc_act, static_groups, damp_percent, true_sequential, block_size: GPTQ options (see docs/gptq.md); only
             accepted with `method="gptq"`.
-        compute_dtype: dtype of the quantized matmuls: `"auto"` (bf16 on CPUs with native bf16, where the packed
-            kernels are fast, else the activations' dtype) or `"bfloat16"` / `"float16"` / `"float32"`.
+        compute_dtype: dtype of the quantized matmuls: `"auto"` (on CPU: the packed kernels in bf16, the dequantize
+            path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
+            docs/kernels.md) or `"bfloat16"` / `"float16"` / `"float32"`.
     """
 
     def __init__(
