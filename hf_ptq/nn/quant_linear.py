@@ -14,6 +14,7 @@ cached outside the state dict.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +22,16 @@ from torch import nn
 from .. import kernels
 from ..core.packing import pack_int32, packed_width, unpack_int32, unpack_unsigned_bytes
 from ..core.quant import QuantizedWeight, dequantize
+
+
+class KernelPlan(NamedTuple):
+    """How a `QuantLinear` runs inputs of one device and dtype (see `QuantLinear._plan`)."""
+
+    matmul: Callable[..., torch.Tensor] | None  # packed kernel (x2 bf16 [rows, in], *layout), None: dense path only
+    layout: str  # kernel-cache key of the weight layout the kernel takes
+    build: Callable[[QuantLinear], tuple] | None  # builds that layout from the module's buffers
+    max_rows: int  # most rows sent through the kernel
+    dense_dtype: torch.dtype  # compute dtype of the dequantize path
 
 
 class QuantLinear(nn.Module):
@@ -67,7 +78,7 @@ class QuantLinear(nn.Module):
             self.weight_g_idx = None
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
         self._kernel_cache: dict[tuple, tuple] = {}
-        self._plans: dict[tuple, tuple] = {}
+        self._plans: dict[tuple, KernelPlan] = {}
 
     # --- filling from a quantized weight -------------------------------------------------------------------
     def set_quantized(self, qw: QuantizedWeight) -> None:
@@ -135,10 +146,10 @@ class QuantLinear(nn.Module):
         plan = self._plans.get((x.device, x.dtype))
         if plan is None:
             plan = self._plans[(x.device, x.dtype)] = self._plan(x)
-        kernel, max_rows, dense_dtype = plan
+        matmul, layout, build, max_rows, dense_dtype = plan
         x2 = x.reshape(-1, self.in_features)
-        if kernel is not None and x2.shape[0] <= max_rows:
-            y = kernel(x2)
+        if matmul is not None and x2.shape[0] <= max_rows:
+            y = matmul(_bf16_rows(x2), *self._cached(layout, x2.device, build))
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
@@ -152,8 +163,9 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return kernels.dense_matmul(x.float(), self.dequantized_weight(torch.float32), bias)
 
-    def _plan(self, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int, torch.dtype]:
-        """(packed kernel for x2 [rows, in] or None, most rows it takes, dense compute dtype) for inputs like x.
+    def _plan(self, x: torch.Tensor) -> KernelPlan:
+        """How to run inputs like x (same device and dtype): which packed kernel, for how many rows, and the dense
+        path's dtype.
 
         Decided once per input device and dtype, so that a decoding step's call does only the matmul: the checks
         of a general forward cost more than the packed kernel itself for one row on a slow CPU (measured 86 us
@@ -162,30 +174,22 @@ class QuantLinear(nn.Module):
         kernel_dtype, dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)
         device = x.device
         max_rows = kernels.kernel_max_rows(self.bits, device.type)
+        dense_only = KernelPlan(None, "", None, 0, dense_dtype)
         if kernel_dtype != torch.bfloat16 or self.weight_g_idx is not None or max_rows <= 0:
-            return None, 0, dense_dtype
+            return dense_only
         if device.type == "cpu" and self.bits == 4:
             if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
-                return None, 0, dense_dtype
-            matmul = kernels.int4_cpu_matmul
+                return dense_only
+            return KernelPlan(kernels.int4_cpu_matmul, "int4_cpu", QuantLinear._build_int4_cpu, max_rows, dense_dtype)
+        if self.bits == 8 and self.sym and self.group_size == -1 and device.type in ("cpu", "cuda"):
+            return KernelPlan(kernels.int8_matmul, "int8", QuantLinear._build_int8, max_rows, dense_dtype)
+        return dense_only
 
-            def kernel(x2: torch.Tensor) -> torch.Tensor:
-                return matmul(_bf16_rows(x2), *self._cached("int4_cpu", device, self._build_int4_cpu))
-
-        elif self.bits == 8 and self.sym and self.group_size == -1 and device.type in ("cpu", "cuda"):
-            matmul = kernels.int8_matmul
-
-            def kernel(x2: torch.Tensor) -> torch.Tensor:
-                return matmul(_bf16_rows(x2), *self._cached("int8", device, self._build_int8))
-
-        else:
-            return None, 0, dense_dtype
-        return kernel, max_rows, dense_dtype
-
-    def _cached(self, name: str, device: torch.device, build):
+    def _cached(self, name: str, device: torch.device, build: Callable[[QuantLinear], tuple]) -> tuple:
+        """`build(self)`, computed once per `name` and device until the buffers change."""
         key = (name, device)
         if key not in self._kernel_cache:
-            self._kernel_cache[key] = build()
+            self._kernel_cache[key] = build(self)
         return self._kernel_cache[key]
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -198,7 +202,7 @@ class QuantLinear(nn.Module):
         """
         if self.bits not in (4, 8) or self.weight_g_idx is not None:
             return self.dequantized_weight(dtype)
-        scale, center = self._cached("dense", self.weight_packed.device, self._dense_qparams)
+        scale, center = self._cached("dense", self.weight_packed.device, QuantLinear._dense_qparams)
         u = unpack_unsigned_bytes(self.weight_packed, self.bits, self.in_features)
         w = u.reshape(scale.shape[0], scale.shape[1], -1).float()
         return w.sub_(center).mul_(scale).reshape(self.out_features, self.in_features).to(dtype)
@@ -213,8 +217,6 @@ class QuantLinear(nn.Module):
         return scale, center
 
     def _build_int4_cpu(self):
-        if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
-            return None
         qw = self.quantized_weight()
         return kernels.prepare_int4_cpu(qw.q, qw.scale, qw.zero_point, self.group_size)
 
