@@ -13,7 +13,7 @@ from ..core.quant import QuantizedWeight
 from .quant_linear import QuantLinear
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
+def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear or of GPT-2's Conv1D (weight stored [in, out])."""
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.nf
@@ -35,7 +35,7 @@ def filled_quant_linear(
     device: torch.device | str | None = None,
 ) -> QuantLinear:
     """A `QuantLinear` holding `qw` (and `module`'s bias) in place of the Linear / Conv1D `module`."""
-    in_f, out_f = _shape(module)
+    in_f, out_f = linear_shape(module)
     new = QuantLinear(
         in_f,
         out_f,
@@ -67,7 +67,7 @@ def check_group_size(targets: list[tuple[str, nn.Module]], group_size: int) -> N
     """Raise before any weight is read when `group_size` does not divide a target layer's in_features."""
     if group_size <= 0:
         return
-    bad = [(n, _shape(m)[0]) for n, m in targets if _shape(m)[0] % group_size]
+    bad = [(n, linear_shape(m)[0]) for n, m in targets if linear_shape(m)[0] % group_size]
     if bad:
         name, in_f = bad[0]
         divisors = [g for g in (32, 64, 128) if all(f % g == 0 for _, f in bad)] or [-1]
@@ -98,7 +98,7 @@ def replace_linears(
     targets = list(quantizable_linears(model, skip))
     check_group_size(targets, group_size)
     for name, module in targets:
-        in_f, out_f = _shape(module)
+        in_f, out_f = linear_shape(module)
         with torch.device("meta"):
             new = QuantLinear(
                 in_f,

@@ -88,6 +88,11 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return kwargs.pop("hidden_states"), BlockCall((), kwargs)
 
 
+def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
+    """Forward kwargs that turn the KV cache off for models that have one (calibration needs no cache)."""
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> CapturedInputs:
     """Run each batch of input ids [b, seq] up to the blocks and record their inputs (KV cache disabled)."""
@@ -104,7 +109,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
             raise StopForward
         return h
 
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    extra = no_cache_kwargs(model)
     device = input_device(model)
     with _stubbed(blocks, record):
         for ids in batches:

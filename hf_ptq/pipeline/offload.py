@@ -7,6 +7,8 @@ replaces the Linear is placed on the hook's execution device (packed weights are
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from accelerate.utils import align_module_device, has_offloaded_params
 from torch import nn
@@ -44,12 +46,8 @@ def install_quantized(
         qw.group_size,
         None if qw.g_idx is None else qw.g_idx.to(device),
     )
-    if has_offloaded_params(module):
-        with align_module_device(module):
-            new = filled_quant_linear(
-                module, qw, sym=config.sym, dtype=dtype, compute_dtype=config.compute_dtype, device=device
-            )
-    else:
+    # an offloaded module's bias is on meta outside align_module_device
+    with align_module_device(module) if has_offloaded_params(module) else nullcontext():
         new = filled_quant_linear(
             module, qw, sym=config.sym, dtype=dtype, compute_dtype=config.compute_dtype, device=device
         )

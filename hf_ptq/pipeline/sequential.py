@@ -28,9 +28,9 @@ from ..calibration.self_generated import input_device
 from ..core.quant import QuantizedWeight
 from ..kernels import cpu_has_fast_bf16
 from ..methods import MethodSpec, method_spec
-from ..nn.replace import check_group_size, quantizable_linears
+from ..nn.replace import check_group_size, linear_shape, quantizable_linears
 from .blocks import find_blocks
-from .capture import BlockCall, StopForward, capture_inputs
+from .capture import BlockCall, StopForward, capture_inputs, no_cache_kwargs
 from .offload import install_quantized, read_float_weight
 
 logger = logging.getLogger("hf_ptq")
@@ -69,7 +69,7 @@ def collect(
     calls: list[BlockCall],
 ) -> list[object]:
     """Statistics of each group's input over all batches; each pass stops after the last group's input."""
-    stats = [statistics(_in_features(block.get_submodule(g[0]))) for g in groups]
+    stats = [statistics(linear_shape(block.get_submodule(g[0]))[0]) for g in groups]
 
     def hook(index: int):
         def fn(module, args):
@@ -125,10 +125,6 @@ def calibration_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.bfloat16, torch.float16) and on_cpu and not offloaded and not cpu_has_fast_bf16():
         return torch.float32
     return dtype
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
 def quantize_group(
@@ -195,7 +191,8 @@ def quantize_blocks(
         bar.update(1)
     bar.close()
     del hidden, captured
-    leftovers = [n for n in targets if n not in set(done)]
+    quantized = set(done)
+    leftovers = [n for n in targets if n not in quantized]
     if leftovers:
         quantize_outside_blocks(model, leftovers, spec, config, batches, dtype)
         done += leftovers
@@ -206,7 +203,7 @@ def quantize_outside_blocks(
     model: nn.Module, names: list[str], spec: MethodSpec, config, batches: list[torch.Tensor], dtype: torch.dtype
 ) -> None:
     """Linears outside the blocks (e.g. a pooler): statistics from whole-model passes, stopped once all are seen."""
-    stats = {n: spec.statistics(_in_features(model.get_submodule(n))) for n in names}
+    stats = {n: spec.statistics(linear_shape(model.get_submodule(n))[0]) for n in names}
     seen: set[str] = set()  # reached in the current forward
     reached: set[str] = set()  # reached in any forward
 
@@ -221,7 +218,7 @@ def quantize_outside_blocks(
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    extra = no_cache_kwargs(model)
     try:
         for ids in batches:
             seen.clear()
