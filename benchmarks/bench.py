@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,22 +223,30 @@ def _short(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # parent: one subprocess per row, then the table and the acceptance ratios
 # --------------------------------------------------------------------------------------------------------------
-def spawn(method: str, args: argparse.Namespace, extra: list[str], env_extra: dict[str, str] | None = None) -> dict:
-    """Run one worker in a fresh interpreter; its JSON result, or {"errors": {"worker": ...}}."""
+def run_json_worker(method: str, command: Callable[[Path], list[str]], env_extra: dict[str, str] | None = None) -> dict:
+    """Run `command(result_path)` in a subprocess; the JSON it wrote there plus `worker_s`, or
+    {"method": ..., "errors": {"worker": last stderr line}} when it failed."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--json", str(out), *extra]
         env = os.environ | {"TOKENIZERS_PARALLELISM": "false"} | (env_extra or {})
         start = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(command(out), env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0 or not out.exists():
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             print(proc.stderr[-3000:], file=sys.stderr)
             return {"method": method, "errors": {"worker": lines[-1][:160] if lines else f"exit {proc.returncode}"}}
         res = json.loads(out.read_text())
-        res["worker_s"] = wall
-        return res
+    res["worker_s"] = wall
+    return res
+
+
+def spawn(method: str, args: argparse.Namespace, extra: list[str], env_extra: dict[str, str] | None = None) -> dict:
+    """Run one worker in a fresh interpreter; its JSON result, or {"errors": {"worker": ...}}."""
+    script = str(Path(__file__).resolve())
+    return run_json_worker(
+        method, lambda out: [sys.executable, script, "--worker", method, "--json", str(out), *extra], env_extra
+    )
 
 
 def spawn_external(method: str, args: argparse.Namespace) -> dict:
@@ -248,24 +257,17 @@ def spawn_external(method: str, args: argparse.Namespace) -> dict:
     python = args.llmc_python
     if python is None or not Path(python).exists():
         return {"method": method, "errors": {"worker": "llm-compressor not installed (see benchmarks/README.md)"}}
-    with tempfile.TemporaryDirectory(prefix="bench-ext-") as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [python, str(Path(__file__).resolve().parent / "llmcompressor_worker.py"), "--method"]
-        cmd += [METHODS[method].external, "--model", str(smollm2_checkpoint()), "--data", str(_data_dir(args))]
-        cmd += ["--num-samples", str(args.calib_samples), "--seq-len", str(args.calib_len)]
-        cmd += ["--windows", str(args.windows), "--json-out", str(out)]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.exists():
-            print(proc.stderr[-3000:], file=sys.stderr)
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            return {"method": method, "errors": {"worker": lines[-1][:160] if lines else f"exit {proc.returncode}"}}
-        ext = json.loads(out.read_text())
+    cmd = [python, str(Path(__file__).resolve().parent / "llmcompressor_worker.py"), "--method"]
+    cmd += [METHODS[method].external, "--model", str(smollm2_checkpoint()), "--data", str(_data_dir(args))]
+    cmd += ["--num-samples", str(args.calib_samples), "--seq-len", str(args.calib_len), "--windows", str(args.windows)]
+    ext = run_json_worker(method, lambda out: [*cmd, "--json-out", str(out)])
+    if "errors" in ext:
+        return ext
     return {
         "method": method,
         "errors": {},
         "external": ext,
-        "worker_s": time.perf_counter() - start,
+        "worker_s": ext["worker_s"],
         "load_s": ext["load_s"] + ext["quant_s"],
         "quant_s": ext["quant_s"],
         "peak_load": ext["peak_rss_mb"] * 2**20,  # ru_maxrss of the whole run (load, quantization, evaluation)
