@@ -34,7 +34,7 @@ def _is_positive_int(v: Any) -> bool:
 # Method-specific fields: default, check, allowed values. `None` means "not set"; a method that does not list the
 # field in its `MethodSpec.fields` rejects any other value.
 _METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "desc_act": (False, _is_bool, "True or False"),
+    "desc_act": (True, _is_bool, "True or False"),
     "static_groups": (False, _is_bool, "True or False"),
     "true_sequential": (True, _is_bool, "True or False"),
     "damp_percent": (
@@ -43,6 +43,7 @@ _METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
         "a number in (0, 1], e.g. 0.01",
     ),
     "block_size": (128, _is_positive_int, "a positive integer (columns per lazy GPTQ update, e.g. 128)"),
+    "clip": (True, _is_bool, "True or False"),
 }
 
 
@@ -65,7 +66,7 @@ class PtqConfig(QuantizationConfigMixin):
             docs/calibration.md): a list of texts, token ids (LongTensor [n, seq] or lists), a `datasets.Dataset`, a
             text file path, `"wikitext2"` / `"c4"`, or None for text sampled from the model itself.
         tokenizer: tokenizer (or its name / folder) for text calibration data; default: the model's own.
-        desc_act, static_groups, damp_percent, true_sequential, block_size: GPTQ options (see docs/gptq.md); only
+        desc_act, static_groups, damp_percent, true_sequential, block_size, clip: GPTQ options (see docs/gptq.md); only
             accepted with `method="gptq"`.
         compute_dtype: dtype of the quantized matmuls: `"auto"` (on CPU: the packed kernels in bf16, the dequantize
             path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
@@ -82,7 +83,7 @@ class PtqConfig(QuantizationConfigMixin):
         dataset: Any = None,
         num_samples: int = 128,
         seq_len: int = 512,
-        batch_size: int = 8,
+        batch_size: int = 1,
         compute_dtype: str = "auto",
         tokenizer: Any = None,
         desc_act: bool | None = None,
@@ -90,6 +91,7 @@ class PtqConfig(QuantizationConfigMixin):
         damp_percent: float | None = None,
         true_sequential: bool | None = None,
         block_size: int | None = None,
+        clip: bool | None = None,
         quant_method: str = QUANT_METHOD,
         **saved: Any,
     ) -> None:
@@ -112,6 +114,7 @@ class PtqConfig(QuantizationConfigMixin):
         self.damp_percent = damp_percent
         self.true_sequential = true_sequential
         self.block_size = block_size
+        self.clip = clip
         # Keys written by `to_dict` that are not constructor arguments (dataset description, version).
         self.dataset_description = saved.pop("dataset_description", None)
         self.format_version = saved.pop("format_version", 1)

@@ -3,8 +3,11 @@ a reference written here; offloaded models; in-memory `quantize`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,40 @@ def test_quantize_in_memory_with_tokenizer(tiny_llama_with_tokenizer_dir: Path, 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     ids = input_ids()
     assert torch.equal(model_output(reloaded, ids), model_output(in_memory, ids))
+
+
+def test_reused_attention_outputs_change_nothing(monkeypatch) -> None:
+    """With true_sequential, a finished attention module's outputs are stored and served on later passes: the same
+    quantized weights as recomputing them, with fewer attention forwards."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from hf_ptq.pipeline.reuse import OutputStore
+
+    model = FAMILIES["llama"].build(dtype=torch.float32)
+    calls = {"n": 0}
+    forward = LlamaAttention.forward
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaAttention, "forward", counting)
+    cfg = gptq_config(true_sequential=True, batch_size=2)
+    reused = hf_ptq.quantize(copy.deepcopy(model), cfg)
+    with_reuse, calls["n"] = calls["n"], 0
+    monkeypatch.setattr(OutputStore, "serving", lambda self, quantized, store: contextlib.nullcontext())
+    recomputed = hf_ptq.quantize(copy.deepcopy(model), cfg)
+    assert with_reuse < calls["n"]
+    for name in quant_names(recomputed):
+        a, b = reused.get_submodule(name), recomputed.get_submodule(name)
+        assert torch.equal(a.weight_packed, b.weight_packed) and torch.equal(a.weight_scale, b.weight_scale), name
+
+
+def test_replaced_float_linears_are_released() -> None:
+    """Nothing keeps a replaced float Linear (and its weight) alive once its QuantLinear is in place."""
+    model = FAMILIES["llama"].build(dtype=torch.float32)
+    refs = [weakref.ref(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert refs
+    hf_ptq.quantize(model, gptq_config())
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -271,3 +271,39 @@ def test_dense_weight_is_the_reference_rounded_once(bits: int, group_size: int, 
     layer = make_layer(bits=bits, group_size=group_size, sym=sym)
     reference = layer.dequantized_weight(torch.float32).to(dtype)
     assert torch.equal(layer._dense_weight(dtype), reference)
+
+
+def act_order_layer(g_idx: torch.Tensor, group_size: int = 32, in_f: int = 128, out_f: int = 48) -> QuantLinear:
+    """A 4-bit layer whose input channels belong to groups `g_idx` (act-order), from random codes and scales."""
+    from hf_ptq.core.quant import QuantizedWeight
+
+    g = torch.Generator().manual_seed(5)
+    groups = in_f // group_size
+    q = torch.randint(-8, 8, (out_f, in_f), generator=g, dtype=torch.int8)
+    scale = (torch.rand(out_f, groups, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    zero = torch.randint(-8, 8, (out_f, groups), generator=g, dtype=torch.int8)
+    layer = QuantLinear(in_f, out_f, True, 4, group_size, False, dtype=torch.bfloat16, act_order=True)
+    layer.set_quantized(QuantizedWeight(q, scale, zero, 4, group_size, g_idx.to(torch.int32)))
+    layer.bias.data.copy_(torch.randn(out_f, generator=g) * 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("rows", (1, 5))
+def test_act_order_weights_run_the_int4_kernel(calls: Counter, rows: int) -> None:
+    """GPTQ act-order groups (every group has group_size channels, scattered) run the int4 kernel on reordered
+    input channels, and match the reference."""
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(2))
+    layer = act_order_layer((torch.arange(128) // 32)[torch.argsort(perm)])
+    check_close(layer, activations(rows))
+    assert calls == Counter(int4_cpu_matmul=1, dense_matmul=1)
+    calls.clear()
+    check_close(layer, activations(64))  # many rows: the dequantize path
+    assert calls == Counter(dense_matmul=2)
+
+
+def test_unbalanced_act_order_groups_use_the_dequantize_path(calls: Counter) -> None:
+    g_idx = torch.arange(128) // 32
+    g_idx[:40] = 0  # group 0 has 40 channels, group 1 only 24: no contiguous reordering fits the kernel
+    layer = act_order_layer(g_idx)
+    check_close(layer, activations(2))
+    assert calls == Counter(dense_matmul=2)

@@ -103,6 +103,14 @@ def int4_cpu_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, kgroup, scales_and_zeros)
 
 
+def int4_cpu_matmul_reordered(
+    x: torch.Tensor, order: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, kgroup: int
+) -> torch.Tensor:
+    """`int4_cpu_matmul` for act-order weights packed with input channels in `order` (int64 [in]): x [rows, in]
+    is gathered into the same order first."""
+    return int4_cpu_matmul(x.index_select(1, order), packed, scales_and_zeros, kgroup)
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [rows, in] -> [rows, out] through the int8 weight-only kernel; q int8 [out, in], per-row scale [out]."""
     return torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))

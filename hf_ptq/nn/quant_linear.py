@@ -175,12 +175,20 @@ class QuantLinear(nn.Module):
         device = x.device
         max_rows = kernels.kernel_max_rows(self.bits, device.type)
         dense_only = KernelPlan(None, "", None, 0, dense_dtype)
-        if kernel_dtype != torch.bfloat16 or self.weight_g_idx is not None or max_rows <= 0:
+        if kernel_dtype != torch.bfloat16 or max_rows <= 0:
             return dense_only
         if device.type == "cpu" and self.bits == 4:
             if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
                 return dense_only
-            return KernelPlan(kernels.int4_cpu_matmul, "int4_cpu", QuantLinear._build_int4_cpu, max_rows, dense_dtype)
+            if self.weight_g_idx is None:
+                build = QuantLinear._build_int4_cpu
+                return KernelPlan(kernels.int4_cpu_matmul, "int4_cpu", build, max_rows, dense_dtype)
+            if self._grouping_order() is None:
+                return dense_only
+            build = QuantLinear._build_int4_cpu_reordered
+            return KernelPlan(kernels.int4_cpu_matmul_reordered, "int4_cpu_reordered", build, max_rows, dense_dtype)
+        if self.weight_g_idx is not None:
+            return dense_only
         if self.bits == 8 and self.sym and self.group_size == -1 and device.type in ("cpu", "cuda"):
             return KernelPlan(kernels.int8_matmul, "int8", QuantLinear._build_int8, max_rows, dense_dtype)
         return dense_only
@@ -219,6 +227,21 @@ class QuantLinear(nn.Module):
     def _build_int4_cpu(self):
         qw = self.quantized_weight()
         return kernels.prepare_int4_cpu(qw.q, qw.scale, qw.zero_point, self.group_size)
+
+    def _grouping_order(self) -> torch.Tensor | None:
+        """Input-channel order (int64 [in]) that makes act-order groups contiguous: sorted by `weight_g_idx`, it must
+        give every group exactly `group_size` channels in a row (as GPTQ's act-order does); None otherwise."""
+        g_idx = self.weight_g_idx.long()
+        order = torch.argsort(g_idx, stable=True)
+        natural = torch.arange(self.in_features, device=g_idx.device) // self.group_size
+        return order if torch.equal(g_idx[order], natural) else None
+
+    def _build_int4_cpu_reordered(self):
+        """Act-order weights for the int4 kernel: input channels reordered so that each group is contiguous; the
+        kernel then takes the input's channels in the same order."""
+        qw = self.quantized_weight()
+        order = self._grouping_order()
+        return (order, *kernels.prepare_int4_cpu(qw.q[:, order], qw.scale, qw.zero_point, self.group_size))
 
     def _build_int8(self):
         qw = self.quantized_weight()

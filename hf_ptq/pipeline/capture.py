@@ -8,7 +8,7 @@ positions, per-layer masks (sliding-window layers) are recorded exactly as the m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,44 +41,47 @@ class CapturedInputs:
     hidden: list[torch.Tensor]  # block 0's hidden-state input, per batch
     calls: list[list[BlockCall]]  # calls[block][batch]
 
-    def to_dtype(self, dtype: torch.dtype) -> None:
-        """Cast every floating-point tensor (hidden states, masks, rotary tables...) to `dtype`, in place.
-
-        Tensors shared between calls (one mask for all blocks) stay shared."""
+    def calls_to_dtype(self, dtype: torch.dtype) -> None:
+        """Cast every floating-point tensor of the calls (masks, rotary tables...) to `dtype`, in place; the hidden
+        states stay as captured. Tensors shared between calls (one mask for all blocks) stay shared."""
         memo: dict[int, torch.Tensor] = {}
-
-        def cast(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                if not value.is_floating_point() or value.dtype == dtype:
-                    return value
-                if id(value) not in memo:
-                    memo[id(value)] = value.to(dtype)
-                return memo[id(value)]
-            if isinstance(value, (tuple, list)):
-                return type(value)(cast(v) for v in value)
-            if isinstance(value, dict):
-                return {k: cast(v) for k, v in value.items()}
-            return value
-
-        self.hidden = [cast(h) for h in self.hidden]
         for per_block in self.calls:
             for call in per_block:
-                call.args, call.kwargs = cast(call.args), cast(call.kwargs)
+                call.args, call.kwargs = cast_tensors(call.args, dtype, memo), cast_tensors(call.kwargs, dtype, memo)
+
+
+def cast_tensors(value: Any, dtype: torch.dtype, memo: dict[int, torch.Tensor] | None = None, copy: bool = False):
+    """`value` with every floating-point tensor inside (tuples, lists, dicts) cast to `dtype`; `memo` keeps tensors
+    shared between values shared; `copy` returns new tensors even where the dtype already matches."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            return value
+        if memo is None:
+            return value.to(dtype, copy=copy)
+        if id(value) not in memo:
+            memo[id(value)] = value.to(dtype, copy=copy)
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_tensors(v, dtype, memo, copy) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_tensors(v, dtype, memo, copy) for k, v in value.items()}
+    return value
 
 
 @contextmanager
-def _stubbed(blocks: nn.ModuleList, record) -> Iterator[None]:
-    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate hooks keep a wrapped forward there
+def patched_forwards(replacements: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Within: each module's `forward` is the given function (called through the module as usual)."""
+    saved = {m: m.__dict__.get("forward") for m in replacements}  # accelerate hooks keep a wrapped forward there
     try:
-        for i, block in enumerate(blocks):
-            block.forward = lambda *a, _i=i, **k: record(_i, a, k)
+        for module, fn in replacements.items():
+            module.forward = fn
         yield
     finally:
-        for block, forward in zip(blocks, saved, strict=True):
+        for module, forward in saved.items():
             if forward is None:
-                del block.forward
+                del module.forward
             else:
-                block.forward = forward
+                module.forward = forward
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
@@ -111,7 +114,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
 
     extra = no_cache_kwargs(model)
     device = input_device(model)
-    with _stubbed(blocks, record):
+    stubs = {block: (lambda *a, _i=i, **k: record(_i, a, k)) for i, block in enumerate(blocks)}
+    with patched_forwards(stubs):
         for ids in batches:
             try:
                 model(input_ids=ids.to(device), **extra)

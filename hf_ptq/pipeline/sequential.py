@@ -10,14 +10,18 @@ For each block, in order:
    `QuantLinear`s replace the Linears.
 3. propagate: the batches go through the quantized block; its outputs are the next block's inputs, so later
    blocks see the quantization error of earlier ones.
-Memory beyond the model: the hidden states of the calibration set (replaced in place) and one batch's
-activations. Linears outside the blocks (e.g. BERT's pooler) get statistics from whole-model passes at the end.
+Memory beyond the model: the hidden states of the calibration set in the model's dtype (replaced in place; a
+block runs in fp32 on CPUs without native bf16, one batch at a time) and one batch's activations. The float
+weights a block no longer needs give their memory-mapped checkpoint pages back, and freed heap goes back to the
+OS after every block, so the peak stays near one block's working set above the quantized model. Linears outside
+the blocks (e.g. BERT's pooler) get statistics from whole-model passes at the end.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import has_offloaded_params
@@ -25,40 +29,64 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..calibration.self_generated import input_device
+from ..core.page_release import release_file_pages, trim_heap
 from ..core.quant import QuantizedWeight
 from ..kernels import cpu_has_fast_bf16
 from ..methods import MethodSpec, method_spec
-from ..nn.replace import check_group_size, linear_shape, quantizable_linears
+from ..nn.replace import check_group_size, float_weight, linear_shape, quantizable_linears
 from .blocks import find_blocks
 from .capture import BlockCall, StopForward, capture_inputs, no_cache_kwargs
 from .offload import install_quantized, read_float_weight
+from .reuse import OutputStore, ReusableChild, is_reusable_output
 
 logger = logging.getLogger("hf_ptq")
 
 Stage = list[list[str]]  # groups of Linear names (relative to their block) sharing one input, in call order
 
 
-def discover_groups(block: nn.Module, names: list[str], hidden: torch.Tensor, call: BlockCall) -> tuple[Stage, list]:
-    """Groups of `names` called on the same input tensor, in call order, and the names never called."""
+@dataclass(frozen=True)
+class BlockLayout:
+    """What one discovery pass learns about a block class: the Linears sharing an input, in call order (`groups`),
+    those never called (`uncalled`), and the children whose outputs later passes can reuse."""
+
+    groups: Stage
+    uncalled: list[str]
+    children: list[ReusableChild]
+
+
+def discover_layout(block: nn.Module, names: list[str], hidden: torch.Tensor, call: BlockCall) -> BlockLayout:
+    """Run `block` once on hidden with hooks on the Linears `names` and on the block's children holding them."""
     seen: dict[int, list[str]] = {}
     keep: list[torch.Tensor] = []  # inputs stay alive during the pass, so their ids are not reused
+    called: list[str] = []  # Linear names, in call order
+    child_calls: dict[str, list] = {}  # child name -> [(Linears called up to its end, output reusable)]
 
-    def hook(name: str):
+    def linear_hook(name: str):
         def fn(module, args):
             keep.append(args[0])
             seen.setdefault(id(args[0]), []).append(name)
+            called.append(name)
 
         return fn
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    def child_hook(name: str):
+        def fn(module, args, output):
+            child_calls.setdefault(name, []).append((frozenset(called), is_reusable_output(output, hidden.numel())))
+
+        return fn
+
+    holders = {n.split(".", 1)[0] for n in names if "." in n}
+    handles = [block.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in names]
+    handles += [block.get_submodule(c).register_forward_hook(child_hook(c)) for c in sorted(holders)]
     try:
         call.run(block, hidden)
     finally:
         for h in handles:
             h.remove()
     groups = list(seen.values())
-    called = {n for g in groups for n in g}
-    return groups, [n for n in names if n not in called]
+    reached = set(called)
+    children = [ReusableChild(c, calls[0][0]) for c, calls in child_calls.items() if len(calls) == 1 and calls[0][1]]
+    return BlockLayout(groups, [n for n in names if n not in reached], children)
 
 
 def collect(
@@ -67,8 +95,11 @@ def collect(
     statistics: Callable[[int], object],
     hidden: list[torch.Tensor],
     calls: list[BlockCall],
+    work_dtype: torch.dtype,
+    store: OutputStore,
 ) -> list[object]:
-    """Statistics of each group's input over all batches; each pass stops after the last group's input."""
+    """Statistics of each group's input over all batches (run in `work_dtype`); each pass stops after the last
+    group's input. `store` must be serving: finished children are reused."""
     stats = [statistics(linear_shape(block.get_submodule(g[0]))[0]) for g in groups]
 
     def hook(index: int):
@@ -81,9 +112,10 @@ def collect(
 
     handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(i)) for i, g in enumerate(groups)]
     try:
-        for h, call in zip(hidden, calls, strict=True):
+        for b, (h, call) in enumerate(zip(hidden, calls, strict=True)):
+            store.batch = b
             try:
-                call.run(block, h)
+                call.run(block, h.to(work_dtype))
             except StopForward:
                 pass
     finally:
@@ -127,6 +159,15 @@ def calibration_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def to_work_dtype(block: nn.Module, work_dtype: torch.dtype) -> None:
+    """Cast `block` to `work_dtype`; the float tensors it held before give back their checkpoint pages (the block
+    now holds copies)."""
+    before = [t for t in block.state_dict().values() if t.is_floating_point() and t.dtype != work_dtype]
+    block.to(work_dtype)
+    for t in before:
+        release_file_pages(t)
+
+
 def quantize_group(
     scope: nn.Module, group: list[str], stats: object | None, spec: MethodSpec, config, dtype: torch.dtype
 ) -> None:
@@ -142,10 +183,12 @@ def quantize_group(
     else:
         qw = spec.quantize_weight(stacked, config, stats)
     row = 0
+    del stacked
     for name, module, weight in zip(group, modules, weights, strict=True):
         part = _rows(qw, slice(row, row + weight.shape[0]))
         row += weight.shape[0]
         install_quantized(scope, name, module, part, config, dtype)
+        release_file_pages(float_weight(module))  # the replaced float weight is never read again
 
 
 @torch.no_grad()
@@ -154,16 +197,19 @@ def quantize_blocks(
 ) -> list[str]:
     """Quantize every Linear of `model` not matched by `skip`, block by block; returns the quantized names."""
     spec = method_spec(config.method)
-    targets = dict(quantizable_linears(model, skip))
-    check_group_size(list(targets.items()), config.group_size)
+    found = list(quantizable_linears(model, skip))
+    check_group_size(found, config.group_size)
+    targets = [n for n, _ in found]  # names only: a replaced float Linear must not stay referenced
+    del found
     prefix, blocks = find_blocks(model)
     dtype = _float_dtype(blocks)
     work_dtype = calibration_dtype(model, dtype)
     captured = capture_inputs(model, blocks, batches)
-    captured.to_dtype(work_dtype)
-    hidden = captured.hidden
+    captured.calls_to_dtype(work_dtype)  # masks, rotary tables: small, cast once
+    hidden = [h.to(dtype) for h in captured.hidden]  # [batch, seq, dim] each, kept in the model's dtype
+    captured.hidden = []  # replaced block by block in `hidden`
     samples = sum(h.shape[0] for h in hidden)
-    groups_by_type: dict[type, tuple[Stage, list[str]]] = {}
+    layouts: dict[tuple, BlockLayout] = {}
     done: list[str] = []
     bar = tqdm(total=len(blocks), desc=desc or f"hf_ptq {config.method}", unit="block")
     bar.set_postfix_str(f"{samples} samples")
@@ -171,23 +217,33 @@ def quantize_blocks(
         head = f"{prefix}.{i}."
         names = [n[len(head) :] for n in targets if n.startswith(head)]
         calls = captured.calls[i]
-        block.to(work_dtype)
+        to_work_dtype(block, work_dtype)
+        quantized: set[str] = set()  # names (relative to the block) already quantized
+        store = OutputStore(block, [], dtype, work_dtype)
         if names:
             key = (type(block), tuple(names))
-            if key not in groups_by_type:
-                groups_by_type[key] = discover_groups(block, names, hidden[0], calls[0])
-            groups, uncalled = groups_by_type[key]
-            stages = [[g] for g in groups] if config.true_sequential else [groups]
+            if key not in layouts:
+                layouts[key] = discover_layout(block, names, hidden[0].to(work_dtype), calls[0])
+            layout = layouts[key]
+            store.children = layout.children
+            stages = [[g] for g in layout.groups] if config.true_sequential else [layout.groups]
             for stage in stages:
-                for group, stats in zip(stage, collect(block, stage, spec.statistics, hidden, calls), strict=True):
-                    quantize_group(block, group, stats, spec, config, dtype)
-            for name in uncalled:
+                with store.serving(quantized, store=True):
+                    stats = collect(block, stage, spec.statistics, hidden, calls, work_dtype, store)
+                for group, group_stats in zip(stage, stats, strict=True):
+                    quantize_group(block, group, group_stats, spec, config, dtype)
+                    quantized.update(group)
+            for name in layout.uncalled:
                 quantize_group(block, [name], None, spec, config, dtype)
             done += [head + n for n in names]
-        for b, call in enumerate(calls):
-            hidden[b] = call.run(block, hidden[b])
+        with store.serving(quantized, store=False):
+            for b, call in enumerate(calls):
+                store.batch = b
+                hidden[b] = call.run(block, hidden[b].to(work_dtype)).to(dtype)
+        del store
         captured.calls[i] = []  # this block's arguments are no longer needed
         block.to(dtype)
+        trim_heap()
         bar.update(1)
     bar.close()
     del hidden, captured

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers.core_model_loading import ConversionOps
 
+from ..core.page_release import release_file_pages, trim_heap
 from ..methods import method_spec
-from .page_release import release_file_pages, trim_heap
 
 
 class QuantizeOnLoad(ConversionOps):
