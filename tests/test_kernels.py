@@ -307,3 +307,25 @@ def test_unbalanced_act_order_groups_use_the_dequantize_path(calls: Counter) -> 
     layer = act_order_layer(g_idx)
     check_close(layer, activations(2))
     assert calls == Counter(dense_matmul=2)
+
+
+def test_keep_dense_weights_builds_each_dense_weight_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside `keep_dense_weights` repeated dense-path calls reuse one dequantized weight (same outputs); outside,
+    every call rebuilds it and nothing is kept."""
+    from hf_ptq.nn.quant_linear import keep_dense_weights
+
+    layer = make_layer(bits=4, group_size=32)
+    builds = Counter()
+    original = QuantLinear._build_dense_weight
+
+    def counting(self, dtype):
+        builds[dtype] += 1
+        return original(self, dtype)
+
+    monkeypatch.setattr(QuantLinear, "_build_dense_weight", counting)
+    x = activations(64, dtype=torch.float32)
+    expected = layer(x)
+    with keep_dense_weights(torch.nn.Sequential(layer)):
+        outputs = [layer(x) for _ in range(3)]
+    assert builds[torch.float32] == 2 and layer._dense_cache is None
+    assert all(torch.equal(y, expected) for y in outputs)

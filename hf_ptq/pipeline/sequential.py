@@ -33,6 +33,7 @@ from ..core.page_release import release_file_pages, trim_heap
 from ..core.quant import QuantizedWeight
 from ..kernels import cpu_has_fast_bf16
 from ..methods import MethodSpec, method_spec
+from ..nn.quant_linear import keep_dense_weights
 from ..nn.replace import check_group_size, float_weight, linear_shape, quantizable_linears
 from .blocks import find_blocks
 from .capture import BlockCall, StopForward, capture_inputs, no_cache_kwargs
@@ -228,7 +229,7 @@ def quantize_blocks(
             store.children = layout.children
             stages = [[g] for g in layout.groups] if config.true_sequential else [layout.groups]
             for stage in stages:
-                with store.serving(quantized, store=True):
+                with store.serving(quantized, store=True), keep_dense_weights(block):
                     stats = collect(block, stage, spec.statistics, hidden, calls, work_dtype, store)
                 for group, group_stats in zip(stage, stats, strict=True):
                     quantize_group(block, group, group_stats, spec, config, dtype)
@@ -236,7 +237,7 @@ def quantize_blocks(
             for name in layout.uncalled:
                 quantize_group(block, [name], None, spec, config, dtype)
             done += [head + n for n in names]
-        with store.serving(quantized, store=False):
+        with store.serving(quantized, store=False), keep_dense_weights(block):
             for b, call in enumerate(calls):
                 store.batch = b
                 hidden[b] = call.run(block, hidden[b].to(work_dtype)).to(dtype)
