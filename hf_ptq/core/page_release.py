@@ -52,16 +52,25 @@ def trim_heap() -> None:
             trim(0)
 
 
-def release_file_pages(tensor: torch.Tensor) -> int:
-    """Drop the whole pages under `tensor` from RSS if they belong to a mapped checkpoint; returns bytes released."""
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+def release_file_pages(*tensors: torch.Tensor) -> int:
+    """Drop the whole pages under each tensor from RSS where they belong to a mapped checkpoint; returns bytes
+    released. The process's mappings are read once per call, so pass a layer's or a block's tensors together."""
+    if not sys.platform.startswith("linux"):
         return 0
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
     page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page
-    if hi <= lo or not any(a <= start and end <= b for a, b in _checkpoint_mappings()):
-        return 0
-    if _c_library().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
-        return 0
-    return hi - lo
+    mappings: list[tuple[int, int]] | None = None
+    released = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi <= lo:
+            continue
+        mappings = _checkpoint_mappings() if mappings is None else mappings
+        if not any(a <= start and end <= b for a, b in mappings):
+            continue
+        if _c_library().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released

@@ -165,8 +165,7 @@ def to_work_dtype(block: nn.Module, work_dtype: torch.dtype) -> None:
     now holds copies)."""
     before = [t for t in block.state_dict().values() if t.is_floating_point() and t.dtype != work_dtype]
     block.to(work_dtype)
-    for t in before:
-        release_file_pages(t)
+    release_file_pages(*before)
 
 
 def quantize_group(
@@ -189,7 +188,7 @@ def quantize_group(
         part = _rows(qw, slice(row, row + weight.shape[0]))
         row += weight.shape[0]
         install_quantized(scope, name, module, part, config, dtype)
-        release_file_pages(float_weight(module))  # the replaced float weight is never read again
+    release_file_pages(*(float_weight(m) for m in modules))  # the replaced float weights are never read again
 
 
 @torch.no_grad()
