@@ -1,9 +1,13 @@
 """Registry of quantization algorithms: a dict of `MethodSpec` and a decorator that fills it.
 
 A method is a function of a weight (and, for calibrated methods, collected statistics) that returns a
-`QuantizedWeight`. Methods do no module surgery and no I/O. A calibrated method names the statistics it needs:
-a class built as `statistics(in_features)` whose `add_batch(x [..., in])` the pipeline calls with the inputs of
-the Linears it will quantize; the method is then called as `fn(weight [out, in], config, stats)`.
+`QuantizedWeight` (weight-only methods, configured by `PtqConfig`) or a `W8A8Weight` (methods that quantize
+activations too, configured by their own config, e.g. `SmoothQuantConfig`). Methods do no module surgery and no
+I/O. A calibrated method names the statistics it needs: a class built as `statistics(in_features)` whose
+`add_batch(x [..., in])` the pipeline calls with the inputs of the Linears it will quantize; the method is then
+called as `fn(weight [out, in], config, stats)`. A method with `smooth` is first asked for per-input-channel
+scales s of each input group, `smooth(weight [out, in], config, stats) -> s [in] | None`, which the pipeline folds
+into the operation producing that input before quantizing `weight * s`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class MethodSpec:
     forced_fields: dict[str, Any] = field(default_factory=dict)
     statistics: Callable[[int], Any] | None = None  # calibrated methods: per-input statistics accumulator
     fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
+    activations: bool = False  # quantizes activations too (W8A8): not a `PtqConfig` method
+    smooth: Callable[..., Any] | None = None  # per-input-channel smoothing scales (SmoothQuant, AWQ)
 
 
 def register_method(
@@ -34,13 +40,15 @@ def register_method(
     needs_calibration: bool = False,
     statistics: Callable[[int], Any] | None = None,
     fields: tuple[str, ...] = (),
+    activations: bool = False,
+    smooth: Callable[..., Any] | None = None,
     **forced_fields: Any,
 ):
-    """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight` under `name`."""
+    """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight | W8A8Weight` under `name`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _METHODS[name] = MethodSpec(
-            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields)
+            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields), activations, smooth
         )
         return fn
 
@@ -48,8 +56,9 @@ def register_method(
 
 
 def method_names() -> list[str]:
+    """The weight-only methods (`PtqConfig.method`)."""
     _load_builtin()
-    return sorted(_METHODS)
+    return sorted(n for n, spec in _METHODS.items() if not spec.activations)
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -58,4 +67,4 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def _load_builtin() -> None:
-    from . import gptq, rtn  # noqa: F401  (registers gptq, rtn and int8)
+    from . import gptq, rtn, smoothquant  # noqa: F401  (registers gptq, rtn, int8 and the smoothquant methods)
