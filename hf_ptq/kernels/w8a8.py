@@ -61,15 +61,18 @@ def _round_int8(scaled: torch.Tensor) -> torch.Tensor:
 def int8_mm(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """q int8 [rows, in] @ weight int8 [out, in]ᵀ -> int32 [rows, out], exact (int32 accumulation).
 
-    On CUDA the operands are zero-padded to the shapes `torch._int_mm` accepts (padding adds zero products).
-    """
-    if q.device.type != "cuda":
-        return torch._int_mm(q, weight.t())
+    On CUDA the operands are zero-padded to the shapes `torch._int_mm` accepts (`padded_int_mm`)."""
+    if q.device.type == "cuda":
+        return padded_int_mm(q, weight, _CUDA_MIN_ROWS, _CUDA_MULTIPLE)
+    return torch._int_mm(q, weight.t())
+
+
+def padded_int_mm(q: torch.Tensor, weight: torch.Tensor, min_rows: int, multiple: int) -> torch.Tensor:
+    """`int8_mm` with q zero-padded to at least `min_rows` rows and the inner and output sizes to multiples of
+    `multiple`; the padding only adds zero products, and the result is cut back to [rows, out]."""
     rows, inner = q.shape
     out = weight.shape[0]
-    pad_rows = max(_CUDA_MIN_ROWS - rows, 0)
-    pad_inner = -inner % _CUDA_MULTIPLE
-    pad_out = -out % _CUDA_MULTIPLE
+    pad_rows, pad_inner, pad_out = max(min_rows - rows, 0), -inner % multiple, -out % multiple
     if pad_rows or pad_inner:
         q = F.pad(q, (0, pad_inner, 0, pad_rows))
     if pad_inner or pad_out:

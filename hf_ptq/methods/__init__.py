@@ -32,6 +32,7 @@ class MethodSpec:
     fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
     activations: bool = False  # quantizes activations too (W8A8): not a `PtqConfig` method
     smooth: Callable[..., Any] | None = None  # per-input-channel smoothing scales (SmoothQuant, AWQ)
+    uncalibrated: Callable[..., Any] | None = None  # `fn(weight, config)` for layers no calibration input reached
 
 
 def register_method(
@@ -42,13 +43,23 @@ def register_method(
     fields: tuple[str, ...] = (),
     activations: bool = False,
     smooth: Callable[..., Any] | None = None,
+    uncalibrated: Callable[..., Any] | None = None,
     **forced_fields: Any,
 ):
     """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight | W8A8Weight` under `name`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _METHODS[name] = MethodSpec(
-            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields), activations, smooth
+            name,
+            fn,
+            summary,
+            needs_calibration,
+            dict(forced_fields),
+            statistics,
+            tuple(fields),
+            activations,
+            smooth,
+            uncalibrated,
         )
         return fn
 

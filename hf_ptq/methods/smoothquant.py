@@ -91,29 +91,41 @@ def static_input_scale(act_amax: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 def smooth(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantStats) -> torch.Tensor | None:
     """Smoothing factors s [in] for the stacked weights [out, in] of the Linears sharing one input."""
-    if stats is None or stats.amax is None:
+    if stats.amax is None:
         return None
     return smoothing_factors(stats.amax, weight.abs().amax(0).float(), config.alpha)
 
 
-def smoothquant(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantStats | None) -> W8A8Weight:
+def smoothquant(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantStats) -> W8A8Weight:
     """int8 weight (RTN or GPTQ, per output channel) and activation scheme for weight [out, in], already multiplied
-    by the smoothing factors; `stats` describe the smoothed input (None: the layer saw no calibration input)."""
-    if stats is None or stats.amax is None:
-        qw = quantize(weight, 8, -1, True)
-        if config.activations == "static":
-            logger.warning("hf_ptq smoothquant: no calibration input reached a layer; its static input scale is 1.0")
-            return W8A8Weight(qw, torch.ones(1, device=weight.device))
-        return W8A8Weight(qw)
+    by the smoothing factors; `stats` describe the smoothed input."""
+    if stats.amax is None:
+        return uncalibrated(weight, config)
     qw = gptq(weight, config, stats) if config.weight_method == "gptq" else quantize(weight, 8, -1, True)
     if config.activations == "dynamic":
         return W8A8Weight(qw)
     return W8A8Weight(qw, static_input_scale(stats.amax, weight.dtype))
 
 
+def uncalibrated(weight: torch.Tensor, config: SmoothQuantConfig) -> W8A8Weight:
+    """A layer no calibration input reached: RTN int8 weight, no smoothing; a static input scale of 1.0 (inputs
+    up to 127 in magnitude), as nothing tells its range."""
+    qw = quantize(weight, 8, -1, True)
+    if config.activations == "dynamic":
+        return W8A8Weight(qw)
+    logger.warning("hf_ptq smoothquant: no calibration input reached a layer; its static input scale is set to 1.0")
+    return W8A8Weight(qw, torch.ones(1, device=weight.device))
+
+
 _SUMMARY = "SmoothQuant W8A8: int8 weights and activations, activation outliers folded into the weights"
 register_method(
-    "smoothquant", _SUMMARY, needs_calibration=True, statistics=SmoothQuantStats, activations=True, smooth=smooth
+    "smoothquant",
+    _SUMMARY,
+    needs_calibration=True,
+    statistics=SmoothQuantStats,
+    activations=True,
+    smooth=smooth,
+    uncalibrated=uncalibrated,
 )(smoothquant)
 register_method(
     "smoothquant_gptq",
@@ -122,4 +134,5 @@ register_method(
     statistics=partial(SmoothQuantStats, hessian=True),
     activations=True,
     smooth=smooth,
+    uncalibrated=uncalibrated,
 )(smoothquant)

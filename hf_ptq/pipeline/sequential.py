@@ -161,7 +161,7 @@ def quantize_group(
     stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
     if stats is None:
         logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
-        qw = method_spec("rtn").quantize_weight(stacked, config)
+        qw = (spec.uncalibrated or method_spec("rtn").quantize_weight)(stacked, config)
     else:
         qw = spec.quantize_weight(stacked, config, stats)
     row = 0

@@ -1,0 +1,217 @@
+"""SmoothQuantConfig and the SmoothQuant method: validation, serialization, registration, statistics, smoothing
+factors, static scales; W8A8 through the calibration pipeline for every family, saved and reloaded."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, input_ids, model_output, rel_err
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.quantizers import auto
+
+import hf_ptq
+from hf_ptq import PtqConfig, SmoothQuantConfig, SmoothQuantHfQuantizer
+from hf_ptq.methods.gptq import GPTQ
+from hf_ptq.methods.smoothquant import SmoothQuantStats, smoothing_factors, static_input_scale
+from hf_ptq.nn import QuantLinear, W8A8Linear
+
+CALIB = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(7))
+
+
+def sq_config(**kwargs) -> SmoothQuantConfig:
+    return SmoothQuantConfig(**{"dataset": CALIB, "num_samples": 8, "seq_len": 16, "batch_size": 4, **kwargs})
+
+
+# --- config --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field", "allowed"),
+    [
+        ({"alpha": 1.5}, "alpha", ["[0, 1]"]),
+        ({"alpha": "0.5"}, "alpha", ["[0, 1]"]),
+        ({"alpha": True}, "alpha", ["[0, 1]"]),
+        ({"activations": "per-token"}, "activations", ["'dynamic'", "'static'"]),
+        ({"weight_method": "awq"}, "weight_method", ["'rtn'", "'gptq'"]),
+        ({"damp_percent": 0.05}, "damp_percent", ["weight_method='gptq'"]),
+        ({"weight_method": "gptq", "damp_percent": 2.0}, "damp_percent", ["(0, 1]"]),
+        ({"weight_method": "gptq", "desc_act": "yes"}, "desc_act", ["True or False"]),
+        ({"true_sequential": 1}, "true_sequential", ["True or False"]),
+        ({"num_samples": 0}, "num_samples", ["positive"]),
+        ({"modules_to_not_convert": "lm_head"}, "modules_to_not_convert", ["list"]),
+    ],
+)
+def test_invalid_values_raise_naming_field_and_allowed(kwargs: dict, field: str, allowed: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        SmoothQuantConfig(**kwargs)
+    message = str(info.value)
+    assert f"SmoothQuantConfig.{field}" in message
+    for text in allowed:
+        assert text in message, (text, message)
+
+
+def test_unknown_field_and_foreign_quant_method() -> None:
+    with pytest.raises(ValueError, match="alpah"):
+        SmoothQuantConfig(alpah=0.5)
+    with pytest.raises(ValueError, match="quant_method"):
+        SmoothQuantConfig(quant_method="hf_ptq")
+
+
+def test_smoothquant_is_not_a_weight_only_method() -> None:
+    with pytest.raises(ValueError, match="method"):
+        PtqConfig(method="smoothquant")
+    assert "smoothquant" not in hf_ptq.method_names()
+
+
+def test_defaults_and_gptq_options() -> None:
+    cfg = SmoothQuantConfig()
+    assert (cfg.alpha, cfg.activations, cfg.weight_method, cfg.method) == (0.5, "dynamic", "rtn", "smoothquant")
+    assert (cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent) == (8, -1, True, None)
+    cfg = SmoothQuantConfig(weight_method="gptq", desc_act=False)
+    assert cfg.method == "smoothquant_gptq"
+    assert (cfg.damp_percent, cfg.desc_act, cfg.block_size, cfg.clip) == (0.01, False, 128, False)
+
+
+CONFIGS = [
+    SmoothQuantConfig(),
+    SmoothQuantConfig(alpha=0.8, activations="static", modules_to_not_convert=["mlp.down_proj"]),
+    SmoothQuantConfig(weight_method="gptq", damp_percent=0.02, dataset=["some text", "more text"], tokenizer="gpt2"),
+    SmoothQuantConfig(dataset=torch.ones(2, 8, dtype=torch.long), num_samples=2, seq_len=8, alpha=1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe())
+def test_to_dict_json_round_trip(cfg: SmoothQuantConfig) -> None:
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["quant_method"] == "hf_ptq_smoothquant"
+    assert data["dataset"] is None  # described, not embedded
+    again = SmoothQuantConfig(**data)
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert auto.AutoQuantizationConfig.from_dict(data) == cfg  # transformers' own rebuild path
+    assert json.loads(cfg.to_json_string()) == data
+
+
+def test_registration_is_idempotent() -> None:
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["hf_ptq_smoothquant"] is SmoothQuantConfig
+    assert auto.AUTO_QUANTIZER_MAPPING["hf_ptq_smoothquant"] is SmoothQuantHfQuantizer
+    hf_ptq.registration.register("hf_ptq_smoothquant", SmoothQuantConfig, SmoothQuantHfQuantizer)
+    importlib.reload(hf_ptq)
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["hf_ptq_smoothquant"] is hf_ptq.SmoothQuantConfig
+    assert "compressed-tensors" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING  # transformers' own names untouched
+
+
+# --- method ----------------------------------------------------------------------------------------------------
+def test_smoothing_factors_formula() -> None:
+    act = torch.tensor([4.0, 0.25, 0.0, 9.0])
+    w = torch.tensor([1.0, 4.0, 2.0, 0.0])
+    s = smoothing_factors(act, w, 0.5)
+    assert torch.allclose(s, torch.tensor([2.0, 0.25, 1.0, 1.0]))  # sqrt(a / w); dead channels keep s = 1
+    s = smoothing_factors(act[:2], w[:2], 0.8)
+    assert torch.allclose(s, act[:2] ** 0.8 / w[:2] ** 0.2)
+    # after smoothing, the channel maxima of x / s and W * s meet at max|x|^α max|W|^(1-α)
+    s = smoothing_factors(act[:2], w[:2], 0.5)
+    assert torch.allclose(act[:2] / s, w[:2] * s)
+
+
+def test_stats_maxima_and_rescaled_hessian() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, 16, generator=g), torch.randn(3, 7, 16, generator=g)]
+    stats = SmoothQuantStats(16, hessian=True)
+    for b in batches:
+        stats.add_batch(b.to(torch.bfloat16))
+    rows = torch.cat([b.reshape(-1, 16) for b in batches]).to(torch.bfloat16).float()
+    assert torch.equal(stats.amax, rows.abs().amax(0))
+    s = torch.rand(16, generator=g) + 0.5
+    stats.rescale(s)
+    smoothed = GPTQ(16)
+    smoothed.add_batch(rows / s)
+    assert torch.allclose(stats.amax, rows.abs().amax(0) / s)
+    assert torch.allclose(stats.hessian, smoothed.hessian, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="after rescale"):
+        stats.add_batch(rows)
+
+
+def test_static_input_scale_is_calibration_max_over_127() -> None:
+    scale = static_input_scale(torch.tensor([0.5, 12.7, 3.0]), torch.bfloat16)
+    assert scale.shape == (1,) and torch.equal(scale, torch.tensor([0.1]).to(torch.bfloat16).float())
+
+
+# --- pipeline, save, reload ------------------------------------------------------------------------------------
+def w8a8_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_every_family_quantizes_saves_and_reloads(family_name: str, tmp_path: Path) -> None:
+    family = FAMILIES[family_name]
+    float_model = family.build()
+    float_model.save_pretrained(tmp_path / "float")
+    ids = input_ids()
+    reference = model_output(float_model, ids)
+    static = family_name in ("llama", "opt", "gpt2", "phi3")
+    cfg = sq_config(activations="static" if static else "dynamic")
+    q = family.auto_class.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    assert w8a8_names(q) == family.expected_linears()
+    assert not any(isinstance(m, QuantLinear) for m in q.modules())
+    out = model_output(q, ids)
+    assert rel_err(out, reference) < 0.08
+    q.save_pretrained(tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        name = sorted(family.expected_linears())[0]
+        assert f.get_tensor(f"{name}.weight").dtype == torch.int8
+        assert f.get_tensor(f"{name}.weight_scale").shape[1] == 1
+        assert (f"{name}.input_scale" in f.keys()) == static
+        assert not any(k.endswith("weight_packed") for k in f.keys())
+    reloaded = family.auto_class.from_pretrained(tmp_path / "q")
+    assert isinstance(reloaded.config.quantization_config, SmoothQuantConfig)
+    assert reloaded.config.quantization_config == SmoothQuantConfig(**cfg.to_dict())
+    saved, again = q.state_dict(), reloaded.state_dict()
+    assert saved.keys() == again.keys()
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    assert torch.equal(model_output(reloaded, ids), out)
+
+
+def test_static_input_scale_covers_the_calibration_inputs(tiny_llama_dir: Path) -> None:
+    """Each layer's static scale is max|x| / 127 of the inputs it saw during calibration (the first block's q/k/v
+    input is the normed embeddings, which quantization upstream does not change)."""
+    q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=sq_config(activations="static"))
+    seen: list[torch.Tensor] = []
+    layer = q.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float()))
+    with torch.no_grad():
+        q(input_ids=CALIB)
+    handle.remove()
+    expected = static_input_scale(torch.cat(seen).abs().amax().reshape(1), torch.bfloat16)
+    assert torch.equal(layer.input_scale.float(), expected)
+    assert layer.input_scale is not q.model.layers[0].self_attn.k_proj.input_scale  # saved separately
+    assert torch.equal(layer.input_scale, q.model.layers[0].self_attn.k_proj.input_scale)
+
+
+def test_quantize_in_memory_matches_from_pretrained(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    cfg = sq_config(weight_method="gptq")
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    hf_ptq.quantize(model, cfg)
+    assert isinstance(model.hf_quantizer, SmoothQuantHfQuantizer)
+    ids = input_ids()
+    assert torch.equal(model_output(model, ids), model_output(loaded, ids))
+    with pytest.raises(ValueError, match="already quantized"):
+        hf_ptq.quantize(model, cfg)
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(
+        model_output(AutoModelForCausalLM.from_pretrained(tmp_path / "q"), ids), model_output(model, ids)
+    )
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_layer_without_calibration_input_still_becomes_w8a8(activations: str, caplog) -> None:
+    model = FAMILIES["llama"].build()
+    model.model.layers[0].mlp.unused = nn.Linear(64, 32, dtype=torch.bfloat16)  # never called by the block
+    hf_ptq.quantize(model, sq_config(activations=activations))
+    unused = model.model.layers[0].mlp.unused
+    assert isinstance(unused, W8A8Linear) and unused.static == (activations == "static")
+    assert "saw no calibration input" in caplog.text
