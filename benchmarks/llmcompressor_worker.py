@@ -50,9 +50,28 @@ def gptq_recipe(args: argparse.Namespace) -> list[Any]:
     return [GPTQModifier(config_groups=w4_group_asym_scheme(args.group_size), ignore=["lm_head"])]
 
 
-# One entry per method: the llm-compressor recipe (a list of modifiers) it runs. "awq" (AWQModifier followed by
-# the same W4 scheme) and "smoothquant-w8a8" (SmoothQuantModifier + GPTQModifier with scheme "W8A8") would go here.
-RECIPES: dict[str, Callable[[argparse.Namespace], list[Any]]] = {"gptq": gptq_recipe}
+def awq_recipe(args: argparse.Namespace) -> list[Any]:
+    """AWQ (duo scaling, 20 grid points: its defaults) followed by the same W4 g`group_size` asymmetric scheme."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    _skip_pinning_without_accelerator()
+    scheme = QuantizationModifier(config_groups=w4_group_asym_scheme(args.group_size), ignore=["lm_head"])
+    return [AWQModifier(), scheme]
+
+
+def _skip_pinning_without_accelerator() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies; without an
+    accelerator `pin_memory` raises, so pinning becomes a no-op (it changes no value)."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
+# One entry per method: the llm-compressor recipe (a list of modifiers) it runs. "smoothquant-w8a8"
+# (SmoothQuantModifier + GPTQModifier with scheme "W8A8") would go here.
+RECIPES: dict[str, Callable[[argparse.Namespace], list[Any]]] = {"gptq": gptq_recipe, "awq": awq_recipe}
 
 
 def token_ids(tokenizer: Any, path: Path) -> torch.Tensor:

@@ -4,6 +4,11 @@ A method is a function of a weight (and, for calibrated methods, collected stati
 `QuantizedWeight`. Methods do no module surgery and no I/O. A calibrated method names the statistics it needs:
 a class built as `statistics(in_features)` whose `add_batch(x [..., in])` the pipeline calls with the inputs of
 the Linears it will quantize; the method is then called as `fn(weight [out, in], config, stats)`.
+
+A method that rescales input channels (AWQ, SmoothQuant) also gives `smooth(weight [out, in], config, stats) -> s [in]
+| None`. The pipeline calls it for each group of Linears sharing an input whose producer can take the scale (see
+`pipeline/families.py`), folds `1/s` into that producer, calls `stats.rescale(s)` (the statistics then describe the
+inputs `x / s`) and quantizes `weight * s`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class MethodSpec:
     forced_fields: dict[str, Any] = field(default_factory=dict)
     statistics: Callable[[int], Any] | None = None  # calibrated methods: per-input statistics accumulator
     fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
+    smooth: Callable[..., Any] | None = None  # per-input-channel scale search (AWQ, SmoothQuant), see above
 
 
 def register_method(
@@ -34,13 +40,14 @@ def register_method(
     needs_calibration: bool = False,
     statistics: Callable[[int], Any] | None = None,
     fields: tuple[str, ...] = (),
+    smooth: Callable[..., Any] | None = None,
     **forced_fields: Any,
 ):
     """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight` under `name`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         _METHODS[name] = MethodSpec(
-            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields)
+            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields), smooth
         )
         return fn
 
@@ -58,4 +65,4 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def _load_builtin() -> None:
-    from . import gptq, rtn  # noqa: F401  (registers gptq, rtn and int8)
+    from . import awq, gptq, rtn  # noqa: F401  (registers awq, gptq, rtn and int8)
