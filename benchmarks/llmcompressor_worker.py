@@ -62,10 +62,29 @@ def smoothquant_w8a8_recipe(args: argparse.Namespace) -> list[Any]:
     ]
 
 
-# One entry per method: the llm-compressor recipe (a list of modifiers) it runs. "awq" (AWQModifier followed by
-# the same W4 scheme) would go here.
+def awq_recipe(args: argparse.Namespace) -> list[Any]:
+    """AWQ (duo scaling, 20 grid points: its defaults) followed by the same W4 g`group_size` asymmetric scheme."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    _skip_pinning_without_accelerator()
+    scheme = QuantizationModifier(config_groups=w4_group_asym_scheme(args.group_size), ignore=["lm_head"])
+    return [AWQModifier(), scheme]
+
+
+def _skip_pinning_without_accelerator() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies; without an
+    accelerator `pin_memory` raises, so pinning becomes a no-op (it changes no value)."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
+# One entry per method: the llm-compressor recipe (a list of modifiers) it runs.
 RECIPES: dict[str, Callable[[argparse.Namespace], list[Any]]] = {
     "gptq": gptq_recipe,
+    "awq": awq_recipe,
     "smoothquant-w8a8": smoothquant_w8a8_recipe,
 }
 

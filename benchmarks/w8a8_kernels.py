@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_ptq.core.quant import W8A8Weight, quantize  # noqa: E402
 from hf_ptq.evaluation import CpuMonitor, wait_for_idle_cpu  # noqa: E402
-from hf_ptq.kernels import int8_matmul, w8a8  # noqa: E402
+from hf_ptq.kernels import int8_matmul  # noqa: E402
 from hf_ptq.nn import W8A8Linear  # noqa: E402
 
 # SmolLM2-135M: q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536 (out x in), counted per block

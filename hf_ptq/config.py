@@ -44,6 +44,8 @@ _METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
     ),
     "block_size": (128, _is_positive_int, "a positive integer (columns per lazy GPTQ update, e.g. 128)"),
     "clip": (True, _is_bool, "True or False"),
+    "duo_scaling": (True, _is_bool, "True or False"),
+    "grid": (20, _is_positive_int, "a positive integer (AWQ scale candidates, e.g. 20)"),
 }
 
 
@@ -66,8 +68,10 @@ class PtqConfig(QuantizationConfigMixin):
             docs/calibration.md): a list of texts, token ids (LongTensor [n, seq] or lists), a `datasets.Dataset`, a
             text file path, `"wikitext2"` / `"c4"`, or None for text sampled from the model itself.
         tokenizer: tokenizer (or its name / folder) for text calibration data; default: the model's own.
-        desc_act, static_groups, damp_percent, true_sequential, block_size, clip: GPTQ options (see docs/gptq.md); only
-            accepted with `method="gptq"`.
+        desc_act, static_groups, damp_percent, block_size: GPTQ options (see docs/gptq.md); only accepted with
+            `method="gptq"`.
+        duo_scaling, grid: AWQ options (see docs/awq.md); only accepted with `method="awq"`.
+        clip, true_sequential: range search and stage-by-stage calibration, for `gptq` and `awq`.
         compute_dtype: dtype of the quantized matmuls: `"auto"` (on CPU: the packed kernels in bf16, the dequantize
             path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
             docs/kernels.md) or `"bfloat16"` / `"float16"` / `"float32"`.
@@ -92,6 +96,8 @@ class PtqConfig(QuantizationConfigMixin):
         true_sequential: bool | None = None,
         block_size: int | None = None,
         clip: bool | None = None,
+        duo_scaling: bool | None = None,
+        grid: int | None = None,
         quant_method: str = QUANT_METHOD,
         **saved: Any,
     ) -> None:
@@ -115,6 +121,8 @@ class PtqConfig(QuantizationConfigMixin):
         self.true_sequential = true_sequential
         self.block_size = block_size
         self.clip = clip
+        self.duo_scaling = duo_scaling
+        self.grid = grid
         # Keys written by `to_dict` that are not constructor arguments (dataset description, version).
         self.dataset_description = saved.pop("dataset_description", None)
         self.format_version = saved.pop("format_version", 1)

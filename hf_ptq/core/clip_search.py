@@ -3,7 +3,9 @@
 Min/max ranges waste grid points on a few outlying weights. Scaling the range of each row of a group by a factor
 p in [min_shrink, 1] clips those outliers but rounds every other weight on a finer grid; the best p per row is
 the one with the smallest rounding error `Σ_j d_j (w_j - ŵ_j)²`, where d_j is the importance of input channel j
-(for GPTQ, the Hessian diagonal: the mean square of that input, so the sum approximates the output error).
+(for GPTQ, the Hessian diagonal: the mean square of that input, so the sum approximates the output error), or,
+given the inputs' Gram matrix G of the group (`Σ_t x_t x_tᵀ` over its columns), the exact output error of the group
+over those inputs, `(w - ŵ) G (w - ŵ)ᵀ` (AWQ's clipping objective).
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ def clipped_qparams(
         q = q.add_(z).clamp_(qmin, qmax).sub_(z)
     else:
         q = q.clamp_(qmin, qmax)
-    err = (w - q.mul_(s)).square_()  # [candidates, rows, n]
-    err = err.sum(2) if importance is None else err @ importance
+    diff = w - q.mul_(s)  # [candidates, rows, n]
+    if importance is not None and importance.ndim == 2:
+        err = ((diff @ importance) * diff).sum(2)
+    else:
+        err = diff.square_()
+        err = err.sum(2) if importance is None else err @ importance
     best = torch.argmin(err, 0)  # first minimum: factor 1 on ties
     rows = torch.arange(w.shape[0], device=w.device)
     return scale[best, rows], None if zero is None else zero[best, rows]

@@ -5,9 +5,12 @@ A method is a function of a weight (and, for calibrated methods, collected stati
 activations too, configured by their own config, e.g. `SmoothQuantConfig`). Methods do no module surgery and no
 I/O. A calibrated method names the statistics it needs: a class built as `statistics(in_features)` whose
 `add_batch(x [..., in])` the pipeline calls with the inputs of the Linears it will quantize; the method is then
-called as `fn(weight [out, in], config, stats)`. A method with `smooth` is first asked for per-input-channel
-scales s of each input group, `smooth(weight [out, in], config, stats) -> s [in] | None`, which the pipeline folds
-into the operation producing that input before quantizing `weight * s`.
+called as `fn(weight [out, in], config, stats)`.
+
+A method that rescales input channels (AWQ, SmoothQuant) also gives `smooth(weight [out, in], config, stats) -> s [in]
+| None`. The pipeline calls it for each group of Linears sharing an input whose producer can take the scale (see
+`pipeline/families.py`), folds `1/s` into that producer, calls `stats.rescale(s)` (the statistics then describe the
+inputs `x / s`) and quantizes `weight * s`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ class MethodSpec:
     forced_fields: dict[str, Any] = field(default_factory=dict)
     statistics: Callable[[int], Any] | None = None  # calibrated methods: per-input statistics accumulator
     fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
+    smooth: Callable[..., Any] | None = None  # per-input-channel scale search (AWQ, SmoothQuant), see above
     activations: bool = False  # quantizes activations too (W8A8): not a `PtqConfig` method
-    smooth: Callable[..., Any] | None = None  # per-input-channel smoothing scales (SmoothQuant, AWQ)
     uncalibrated: Callable[..., Any] | None = None  # `fn(weight, config)` for layers no calibration input reached
 
 
@@ -41,8 +44,8 @@ def register_method(
     needs_calibration: bool = False,
     statistics: Callable[[int], Any] | None = None,
     fields: tuple[str, ...] = (),
-    activations: bool = False,
     smooth: Callable[..., Any] | None = None,
+    activations: bool = False,
     uncalibrated: Callable[..., Any] | None = None,
     **forced_fields: Any,
 ):
@@ -57,8 +60,8 @@ def register_method(
             dict(forced_fields),
             statistics,
             tuple(fields),
-            activations,
             smooth,
+            activations,
             uncalibrated,
         )
         return fn
@@ -78,4 +81,4 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def _load_builtin() -> None:
-    from . import gptq, rtn, smoothquant  # noqa: F401  (registers gptq, rtn, int8 and the smoothquant methods)
+    from . import awq, gptq, rtn, smoothquant  # noqa: F401  (registers awq, gptq, rtn, int8 and smoothquant)

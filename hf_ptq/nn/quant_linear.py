@@ -95,10 +95,29 @@ class QuantLinear(nn.Module):
             )
         if self.weight_g_idx is not None:
             self.weight_g_idx = qw.g_idx.to(torch.int32)
+        self.invalidate_caches()
+
+    def invalidate_caches(self) -> None:
+        """Drop what is derived from the buffers (kernel layouts, plans, kept dense weights), after changing them."""
         self._kernel_cache.clear()
         self._plans.clear()
         if self._dense_cache is not None:
             self._dense_cache.clear()
+
+    def scale_output_channels_(self, factors: torch.Tensor, start: int = 0) -> None:
+        """Multiply output channels `start : start + len(factors)` (their scales and bias) by `factors` [n] (> 0).
+
+        `(q - z) * scale` scales with its scale, so this is exact up to storing the new scales in their dtype: it is
+        how AWQ folds a smoothing scale into a layer that is already quantized (v_proj before o_proj).
+        """
+        if self.group_size == 0:
+            raise ValueError("a per-tensor scale cannot scale single output channels")
+        rows = slice(start, start + factors.numel())
+        f = factors.to(self.weight_scale.device, torch.float32)
+        self.weight_scale[rows] = (self.weight_scale[rows].float() * f[:, None]).to(self.weight_scale.dtype)
+        if self.bias is not None:
+            self.bias.data[rows] = (self.bias.data[rows].float() * f).to(self.bias.dtype)
+        self.invalidate_caches()
 
     def packed_tensors(self, qw: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
         """The state-dict entries (named `prefix + buffer`) that `set_quantized(qw)` would produce."""
@@ -262,10 +281,7 @@ class QuantLinear(nn.Module):
         return qw.q.contiguous(), qw.scale.reshape(-1)
 
     def _apply(self, fn, recurse: bool = True):
-        self._kernel_cache.clear()  # kernel layouts and plans follow the buffers' device and dtype
-        self._plans.clear()
-        if self._dense_cache is not None:
-            self._dense_cache.clear()
+        self.invalidate_caches()  # kernel layouts and plans follow the buffers' device and dtype
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

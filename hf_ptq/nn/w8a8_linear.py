@@ -31,6 +31,7 @@ class W8A8Linear(nn.Module):
     """int8 x int8 replacement for `nn.Linear` (and GPT-2's transposed `Conv1D`)."""
 
     transposed_source = False  # True when the float weight it replaces is stored [in, out] (GPT-2 Conv1D)
+    bits, group_size = 8, -1  # int8 weights, one scale per output channel
 
     def __init__(
         self,
@@ -71,7 +72,22 @@ class W8A8Linear(nn.Module):
         self.weight_scale = qw.scale.reshape(self.out_features, 1).to(self.weight_scale.dtype)
         if self.static:
             self.input_scale = w.input_scale.reshape(1).to(self.input_scale.dtype)
+        self.invalidate_caches()
+
+    def invalidate_caches(self) -> None:
+        """Drop the scales cached in kernel dtypes, after changing the buffers."""
         self._scales.clear()
+
+    def scale_output_channels_(self, factors: torch.Tensor, start: int = 0) -> None:
+        """Multiply output channels `start : start + len(factors)` (their scales and bias) by `factors` [n] (> 0):
+        exact up to storing the new scales in their dtype (how a smoothing scale is folded into a quantized
+        producer, e.g. v_proj before o_proj)."""
+        rows = slice(start, start + factors.numel())
+        f = factors.to(self.weight_scale.device, torch.float32)
+        self.weight_scale[rows] = (self.weight_scale[rows].float() * f[:, None]).to(self.weight_scale.dtype)
+        if self.bias is not None:
+            self.bias.data[rows] = (self.bias.data[rows].float() * f).to(self.bias.dtype)
+        self.invalidate_caches()
 
     def quantized(self) -> W8A8Weight:
         """The stored weight and activation scheme."""
@@ -138,7 +154,7 @@ class W8A8Linear(nn.Module):
         return self._scales[key]
 
     def _apply(self, fn, recurse: bool = True):
-        self._scales.clear()  # cached scales follow the buffers' device and dtype
+        self.invalidate_caches()  # cached scales follow the buffers' device and dtype
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

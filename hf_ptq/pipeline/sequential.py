@@ -19,6 +19,7 @@ the blocks (e.g. BERT's pooler) get statistics from whole-model passes at the en
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +37,10 @@ from ..nn.quant_linear import keep_dense_weights
 from ..nn.replace import check_group_size, float_weight, linear_shape, quantizable_linears
 from .blocks import find_blocks
 from .capture import BlockCall, StopForward, capture_inputs, no_cache_kwargs
+from .families import family_layout
 from .offload import install_quantized, read_float_weight
 from .reuse import OutputStore, ReusableChild, is_reusable_output
+from .smoothing import BlockSmoother
 
 logger = logging.getLogger("hf_ptq")
 
@@ -151,11 +154,18 @@ def to_work_dtype(block: nn.Module, work_dtype: torch.dtype) -> None:
 
 
 def quantize_group(
-    scope: nn.Module, group: list[str], stats: object | None, spec: MethodSpec, config, dtype: torch.dtype
+    scope: nn.Module,
+    group: list[str],
+    stats: object | None,
+    spec: MethodSpec,
+    config,
+    dtype: torch.dtype,
+    smoother: BlockSmoother | None = None,
 ) -> None:
     """Quantize the Linears of `group` (sharing `stats`) with `spec`, stacked row-wise; swap in QuantLinears.
 
-    `dtype` is the model's dtype: the weights are quantized as stored in it and the scales are kept in it."""
+    `dtype` is the model's dtype: the weights are quantized as stored in it and the scales are kept in it. With a
+    `smoother` (methods with `smooth`), the group's input scale is searched and folded first."""
     modules = [scope.get_submodule(n) for n in group]
     weights = [read_float_weight(m).to(dtype) for m in modules]
     stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
@@ -163,6 +173,10 @@ def quantize_group(
         logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
         qw = (spec.uncalibrated or method_spec("rtn").quantize_weight)(stacked, config)
     else:
+        s = None if smoother is None else smoother.smooth(group, stacked, stats)
+        if s is not None:
+            stacked = (stacked.float() * s.to(stacked.device)).to(dtype)
+            stats.rescale(s)
         qw = spec.quantize_weight(stacked, config, stats)
     row = 0
     del stacked
@@ -192,6 +206,9 @@ def quantize_blocks(
     captured.hidden = []  # replaced block by block in `hidden`
     samples = sum(h.shape[0] for h in hidden)
     layouts: dict[tuple, BlockLayout] = {}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = family_layout(model_type)
+    warned: set[tuple[str, ...]] = set()  # groups already reported as quantized without scaling
     done: list[str] = []
     bar = tqdm(total=len(blocks), desc=desc or f"hf_ptq {config.method}", unit="block")
     bar.set_postfix_str(f"{samples} samples")
@@ -209,12 +226,18 @@ def quantize_blocks(
             layout = layouts[key]
             store.children = layout.children
             stages = [[g] for g in layout.groups] if config.true_sequential else [layout.groups]
+            smoother = None
+            if spec.smooth is not None:
+                run_first = functools.partial(calls[0].run, block, hidden[0].to(work_dtype))
+                smoother = BlockSmoother(block, family, spec, config, run_first)
             for stage in stages:
                 with store.serving(quantized, store=True), keep_dense_weights(block):
                     stats = collect(block, stage, spec.statistics, hidden, calls, work_dtype, store)
                 for group, group_stats in zip(stage, stats, strict=True):
-                    quantize_group(block, group, group_stats, spec, config, dtype)
+                    quantize_group(block, group, group_stats, spec, config, dtype, smoother)
                     quantized.update(group)
+            if smoother is not None:
+                smoother.warn_unscaled(warned, config.method, model_type)
             for name in layout.uncalled:
                 quantize_group(block, [name], None, spec, config, dtype)
             done += [head + n for n in names]
