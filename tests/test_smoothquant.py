@@ -75,9 +75,9 @@ def test_smoothquant_is_not_a_weight_only_method() -> None:
 def test_defaults_and_gptq_options() -> None:
     cfg = SmoothQuantConfig()
     assert (cfg.alpha, cfg.activations, cfg.weight_method, cfg.method) == (0.5, "dynamic", "rtn", "smoothquant")
-    assert (cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent) == (8, -1, True, None)
+    assert (cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent, cfg.true_sequential) == (8, -1, True, None, False)
     cfg = SmoothQuantConfig(weight_method="gptq", desc_act=False)
-    assert cfg.method == "smoothquant_gptq"
+    assert cfg.method == "smoothquant_gptq" and cfg.true_sequential
     assert (cfg.damp_percent, cfg.desc_act, cfg.block_size, cfg.clip) == (0.01, False, 128, False)
 
 
