@@ -39,7 +39,8 @@ class SmoothQuantConfig(QuantizationConfigMixin):
 
     Args:
         alpha: migration strength α in [0, 1] of the smoothing factors `s = max|X|^α / max|W|^(1-α)` (default
-            0.5; larger moves more of the activations' range into the weights).
+            0.5; larger moves more of the activations' range into the weights), or `"auto"`: chosen per group of
+            Linears sharing an input, from 0, 0.1, ..., 1, by the W8A8 output error on calibration rows.
         activations: `"dynamic"` (default): one int8 scale per token, computed on every call; `"static"`: one
             scale per layer input, fixed from the calibration maximum (no per-call reduction; less accurate).
         weight_method: how the int8 per-channel weights are rounded: `"rtn"` (default, round-to-nearest) or
@@ -62,7 +63,7 @@ class SmoothQuantConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        alpha: float = 0.5,
+        alpha: float | str = 0.5,
         activations: str = "dynamic",
         weight_method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
@@ -109,8 +110,8 @@ class SmoothQuantConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field."""
-        if not _is_number(self.alpha) or not 0 <= self.alpha <= 1:
-            raise _fail("alpha", self.alpha, "a number in [0, 1], e.g. 0.5 (SmoothQuant's default) or 0.8")
+        if self.alpha != "auto" and (not _is_number(self.alpha) or not 0 <= self.alpha <= 1):
+            raise _fail("alpha", self.alpha, "a number in [0, 1], e.g. 0.5 (SmoothQuant's default), or 'auto'")
         if self.activations not in _ACTIVATIONS:
             raise _fail("activations", self.activations, " or ".join(map(repr, _ACTIVATIONS)))
         if self.weight_method not in _WEIGHT_METHODS:
@@ -174,4 +175,5 @@ class SmoothQuantConfig(QuantizationConfigMixin):
     def describe(self) -> str:
         """One line for logs and model cards, e.g. `smoothquant w8a8 alpha=0.5 dynamic per-token, rtn weights`."""
         acts = "static per-tensor" if self.static else "dynamic per-token"
-        return f"smoothquant w8a8 alpha={self.alpha:g} {acts}, {self.weight_method} weights"
+        alpha = self.alpha if self.alpha == "auto" else f"{self.alpha:g}"
+        return f"smoothquant w8a8 alpha={alpha} {acts}, {self.weight_method} weights"

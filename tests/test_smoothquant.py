@@ -38,7 +38,7 @@ def sq_config(**kwargs) -> SmoothQuantConfig:
     ("kwargs", "field", "allowed"),
     [
         ({"alpha": 1.5}, "alpha", ["[0, 1]"]),
-        ({"alpha": "0.5"}, "alpha", ["[0, 1]"]),
+        ({"alpha": "0.5"}, "alpha", ["[0, 1]", "'auto'"]),
         ({"alpha": True}, "alpha", ["[0, 1]"]),
         ({"activations": "per-token"}, "activations", ["'dynamic'", "'static'"]),
         ({"weight_method": "awq"}, "weight_method", ["'rtn'", "'gptq'"]),
@@ -86,6 +86,7 @@ CONFIGS = [
     SmoothQuantConfig(alpha=0.8, activations="static", modules_to_not_convert=["mlp.down_proj"]),
     SmoothQuantConfig(weight_method="gptq", damp_percent=0.02, dataset=["some text", "more text"], tokenizer="gpt2"),
     SmoothQuantConfig(dataset=torch.ones(2, 8, dtype=torch.long), num_samples=2, seq_len=8, alpha=1),
+    SmoothQuantConfig(alpha="auto", activations="static"),
 ]
 
 
@@ -312,3 +313,55 @@ def test_smoothing_recovers_accuracy_on_a_model_with_activation_outliers(activat
     plain = hf_ptq.quantize(copy.deepcopy(model), sq_config(activations=activations))
     err_plain = rel_err(model_output(plain, CALIB), ref)
     assert err_smoothed < 0.3 * err_plain, (err_smoothed, err_plain)
+
+
+# --- alpha="auto" ----------------------------------------------------------------------------------------------
+def test_stats_sample_is_an_even_stride_over_all_rows(monkeypatch) -> None:
+    from hf_ptq.methods import smoothquant
+
+    monkeypatch.setattr(smoothquant, "SAMPLE_ROWS", 10)
+    stats = SmoothQuantStats(4)
+    rows = torch.arange(4 * 45, dtype=torch.float32).reshape(45, 4)
+    for chunk in rows.split([7, 13, 5, 20]):
+        stats.add_batch(chunk)
+    assert torch.equal(stats.sample, rows[::8])  # 45 rows: 23 -> 12 -> 6 kept, stride 8
+    s = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    stats.rescale(s)
+    assert torch.equal(stats.sample, rows[::8] / s)
+
+
+def fake_w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
+    """||x wᵀ - Q(x / s) Q(w s)ᵀ||² with symmetric int8 per row (tokens of x / s, output channels of w s)."""
+
+    def fq(t: torch.Tensor) -> torch.Tensor:
+        scale = t.abs().amax(1, keepdim=True) / 127
+        return torch.clamp(torch.round(t / scale), -128, 127) * scale
+
+    return (fq(x / s) @ fq(w * s).t() - x @ w.t()).square().sum().item()
+
+
+def test_alpha_search_picks_the_grid_point_with_the_smallest_w8a8_error() -> None:
+    from hf_ptq.methods.smoothquant import ALPHA_GRID, search_alpha
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 32, generator=g) * torch.linspace(0.1, 1, 32)
+    x[:, 5] *= 60  # an outlier channel
+    w = torch.randn(48, 32, generator=g) * 0.05
+    stats = SmoothQuantStats(32)
+    stats.add_batch(x)
+    s = search_alpha(w, stats, static=False)
+    errors = {a: fake_w8a8_error(x, w, smoothing_factors(stats.amax, w.abs().amax(0), a)) for a in ALPHA_GRID}
+    best = min(errors, key=errors.get)
+    assert torch.allclose(s, smoothing_factors(stats.amax, w.abs().amax(0), best))
+    assert errors[best] < 0.5 * errors[0.0]  # the outlier is worth smoothing
+
+
+def test_alpha_auto_end_to_end(monkeypatch) -> None:
+    model = FAMILIES["llama"].build(dtype=torch.float32)
+    ref = model_output(model, CALIB)
+    add_activation_outliers_(model)
+    auto_model = hf_ptq.quantize(copy.deepcopy(model), sq_config(alpha="auto"))
+    assert auto_model.config.quantization_config.describe().startswith("smoothquant w8a8 alpha=auto")
+    without_smoothing(monkeypatch)
+    plain = hf_ptq.quantize(copy.deepcopy(model), sq_config())
+    assert rel_err(model_output(auto_model, CALIB), ref) < 0.3 * rel_err(model_output(plain, CALIB), ref)

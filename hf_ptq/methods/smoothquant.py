@@ -12,8 +12,13 @@ costs nothing at inference. Then the weight (times s) is quantized to int8 per o
 or by GPTQ, and the activations to int8: per token on every call (dynamic), or with one scale per tensor fixed
 here from the calibration maximum (static).
 
-The statistics (`SmoothQuantStats`) are the per-channel maxima |x| of each Linear input, and for GPTQ weights its
-Hessian; once the pipeline has folded s, `rescale(s)` makes them describe the smoothed input x / s.
+With `alpha="auto"` α is chosen per group of Linears sharing an input, from `ALPHA_GRID`, as the one whose W8A8
+output error `||X Wᵀ - Q(X / s) Q(W s)ᵀ||²` over a sample of the calibration rows is smallest (RTN weights, the
+configured activation scheme).
+
+The statistics (`SmoothQuantStats`) are the per-channel maxima |x| of each Linear input, a sample of its rows (for
+the α search), and for GPTQ weights its Hessian; once the pipeline has folded s, `rescale(s)` makes them describe
+the smoothed input x / s.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..core.quant import W8A8Weight, qrange, quantize, round_scale
+from ..core.quant import W8A8Weight, dequantize, qrange, quantize, quantize_with, round_scale
 from . import register_method
 from .gptq import GPTQ, gptq
 
@@ -34,17 +39,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hf_ptq")
 
 _MIN_MAGNITUDE = 1e-5  # floor for channel maxima in the smoothing factors (a dead channel gets s = 1)
+SAMPLE_ROWS = 1024  # most calibration rows kept per input for the α search
+ALPHA_GRID = tuple(i / 10 for i in range(11))  # α candidates of `alpha="auto"`
 
 
 class SmoothQuantStats:
-    """Per-input-channel max |x| (fp32 [in]) of the rows seen by `add_batch`, and with `hessian=True` GPTQ's
-    Hessian of the same rows; `rescale(s)` switches both to the smoothed input x / s."""
+    """Per-input-channel max |x| (fp32 [in]) of the rows seen by `add_batch`, an evenly strided sample of at most
+    `SAMPLE_ROWS` of those rows, and with `hessian=True` GPTQ's Hessian of them; `rescale(s)` switches all three to
+    the smoothed input x / s."""
 
     def __init__(self, in_features: int, hessian: bool = False) -> None:
         self.in_features = in_features
         self.amax: torch.Tensor | None = None
         self._gptq = GPTQ(in_features) if hessian else None
         self._inv_s: torch.Tensor | None = None  # 1 / s of the smoothing applied so far
+        self._sample: list[torch.Tensor] = []  # rows whose index (over all rows seen) is a multiple of _stride
+        self._stride, self._seen, self._kept = 1, 0, 0
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
@@ -56,14 +66,32 @@ class SmoothQuantStats:
             return
         amax = x.abs().amax(0).float()
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        self._keep_rows(x)
         if self._gptq is not None:
             self._gptq.add_batch(x)
+
+    def _keep_rows(self, x: torch.Tensor) -> None:
+        """Keep the rows of x whose overall index is a multiple of the stride; when more than `SAMPLE_ROWS` are kept,
+        every other one is dropped and the stride doubles (the sample stays evenly spread over all rows)."""
+        picked = x[(-self._seen) % self._stride :: self._stride].float()
+        self._seen += x.shape[0]
+        self._sample.append(picked)
+        self._kept += picked.shape[0]
+        while self._kept > SAMPLE_ROWS:
+            rows = torch.cat(self._sample)[::2]
+            self._sample, self._kept, self._stride = [rows], rows.shape[0], self._stride * 2
 
     def rescale(self, s: torch.Tensor) -> None:
         """From now on describe x / s (s fp32 [in] > 0): maxima amax / s, Hessian diag(1/s) H diag(1/s)."""
         inv = 1.0 / s.float().to(self.amax.device)
         self.amax = self.amax * inv
         self._inv_s = inv if self._inv_s is None else self._inv_s * inv
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """The kept calibration rows [r, in] fp32, of the (smoothed) input."""
+        rows = torch.cat(self._sample) if self._sample else torch.zeros(0, self.in_features)
+        return rows if self._inv_s is None else rows * self._inv_s
 
     @property
     def hessian(self) -> torch.Tensor | None:
@@ -93,7 +121,34 @@ def smooth(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantSt
     """Smoothing factors s [in] for the stacked weights [out, in] of the Linears sharing one input."""
     if stats.amax is None:
         return None
+    if config.alpha == "auto":
+        return search_alpha(weight, stats, config.static)
     return smoothing_factors(stats.amax, weight.abs().amax(0).float(), config.alpha)
+
+
+@torch.no_grad()
+def search_alpha(weight: torch.Tensor, stats: SmoothQuantStats, static: bool) -> torch.Tensor:
+    """s [in] for the α of `ALPHA_GRID` with the smallest W8A8 output error on the sampled calibration rows X:
+    `||X Wᵀ - Q_a(X / s) Q_w(W s)ᵀ||²`, Q_w per-channel int8 RTN, Q_a per-token int8 (`static`: one scale for the
+    tensor, from the calibration maximum)."""
+    x, w = stats.sample.to(weight.device), weight.float()
+    reference = x @ w.t()
+    weight_amax = w.abs().amax(0)
+    best: tuple[float, float, torch.Tensor] | None = None
+    for alpha in ALPHA_GRID:
+        s = smoothing_factors(stats.amax, weight_amax, alpha)
+        w_q = quantize(w * s, 8, -1, True, torch.float32).dequantize()
+        xs = x / s
+        if static:
+            scale = static_input_scale(stats.amax / s, torch.float32)
+            x_q = dequantize(quantize_with(xs, scale, None, 8, 0), scale, None, 0)
+        else:
+            x_q = quantize(xs, 8, -1, True, torch.float32).dequantize()
+        error = (x_q @ w_q.t() - reference).square().sum().item()
+        if best is None or error < best[0]:
+            best = (error, alpha, s)
+    logger.debug("hf_ptq smoothquant: alpha=auto chose %.1f", best[1])
+    return best[2]
 
 
 def smoothquant(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantStats) -> W8A8Weight:
