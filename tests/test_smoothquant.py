@@ -19,8 +19,16 @@ from transformers.quantizers import auto
 
 import hf_ptq
 from hf_ptq import PtqConfig, SmoothQuantConfig, SmoothQuantHfQuantizer
+from hf_ptq.core.quant import round_scale
 from hf_ptq.methods.gptq import GPTQ
-from hf_ptq.methods.smoothquant import SmoothQuantStats, smooth, smoothing_factors, static_input_scale
+from hf_ptq.methods.smoothquant import (
+    CLIP_GRID,
+    SmoothQuantStats,
+    clipped_input_scale,
+    smooth,
+    smoothing_factors,
+    static_input_scale,
+)
 from hf_ptq.nn import QuantLinear, W8A8Linear
 from hf_ptq.pipeline.blocks import find_blocks
 from hf_ptq.pipeline.families import family_layout
@@ -181,9 +189,9 @@ def test_every_family_quantizes_saves_and_reloads(family_name: str, tmp_path: Pa
     assert torch.equal(model_output(reloaded, ids), out)
 
 
-def test_static_input_scale_covers_the_calibration_inputs(tiny_llama_dir: Path) -> None:
-    """Each layer's static scale is max|x| / 127 of the inputs it saw during calibration (the first block's q/k/v
-    input is the normed embeddings, which quantization upstream does not change)."""
+def test_static_input_scale_comes_from_the_calibration_inputs(tiny_llama_dir: Path) -> None:
+    """Each layer's static scale is a fraction (`CLIP_GRID`) of max|x| / 127 over the inputs it saw in calibration
+    (the first block's q/k/v input is the normed embeddings, which quantization upstream does not change)."""
     q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=sq_config(activations="static"))
     seen: list[torch.Tensor] = []
     layer = q.model.layers[0].self_attn.q_proj
@@ -191,10 +199,31 @@ def test_static_input_scale_covers_the_calibration_inputs(tiny_llama_dir: Path) 
     with torch.no_grad():
         q(input_ids=CALIB)
     handle.remove()
-    expected = static_input_scale(torch.cat(seen).abs().amax().reshape(1), torch.bfloat16)
-    assert torch.equal(layer.input_scale.float(), expected)
+    full = static_input_scale(torch.cat(seen).abs().amax().reshape(1), torch.float32)
+    candidates = [round_scale(full * f, torch.bfloat16) for f in CLIP_GRID]
+    assert any(torch.equal(layer.input_scale.float(), c) for c in candidates)
     assert layer.input_scale is not q.model.layers[0].self_attn.k_proj.input_scale  # saved separately
     assert torch.equal(layer.input_scale, q.model.layers[0].self_attn.k_proj.input_scale)
+
+
+def test_clipped_input_scale_minimises_the_output_error() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 24, generator=g)
+    x[7] *= 40  # one extreme token
+    w = torch.randn(16, 24, generator=g)
+    stats = SmoothQuantStats(24)
+    stats.add_batch(x)
+    scale = clipped_input_scale(w, stats, torch.float32)
+
+    def error(scale: torch.Tensor) -> float:
+        x_q = torch.clamp(torch.round(x / scale), -127, 127) * scale
+        return ((x - x_q) @ w.t()).square().sum().item()
+
+    full = x.abs().amax() / 127
+    errors = {f: error(full * f) for f in CLIP_GRID}
+    best = min(errors, key=errors.get)
+    assert torch.allclose(scale, full * best) and best < 1.0
+    assert error(scale) < errors[1.0]
 
 
 def test_quantize_in_memory_matches_from_pretrained(tiny_llama_dir: Path, tmp_path: Path) -> None:
