@@ -55,9 +55,9 @@ METHODS = {
     "llmc-gptq": Method("llm-compressor gptq w4 g64", False, calibrated=True, external="gptq"),
     "awq-w4": Method("hf_ptq awq w4 g64", True, calibrated=True, baseline="llmc-awq", time_target=0.25),
     "llmc-awq": Method("llm-compressor awq w4 g64", False, calibrated=True, external="awq"),
-    "w8a8": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, rtn)", True, calibrated=True, w8a8=True),
-    "w8a8-static": Method("hf_ptq smoothquant w8a8 static (α 0.5, rtn)", True, calibrated=True, w8a8=True),
-    "w8a8-gptq": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, gptq)", True, calibrated=True, w8a8=True),
+    "w8a8": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-static": Method("hf_ptq smoothquant w8a8 static (α 0.5, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-gptq": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, gptq)", True, True, baseline="llmc-sq", w8a8=True),
     "llmc-sq": Method(
         "llm-compressor smoothquant 0.8 + gptq w8a8", False, calibrated=True, external="smoothquant-w8a8", w8a8=True
     ),
@@ -435,9 +435,12 @@ def w8a8_acceptance(m: str, results: dict[str, dict]) -> list[tuple[str, float |
     r = ppl / FP32_PPL if ppl is not None else None
     target = W8A8_TARGETS["ppl_vs_fp32"]
     checks = [(f"perplexity {label} / fp32 ({FP32_PPL})", r, f"<= {target}", _le(r, target))]
-    if "llmc-sq" in results and results["llmc-sq"].get("ppl") and ppl is not None:
-        r = ppl / results["llmc-sq"]["ppl"]
-        checks.append((f"perplexity {label} / {METHODS['llmc-sq'].label}", r, "(for reference)", None))
+    llmc = results.get("llmc-sq", {})
+    for key, name in (("ppl", "perplexity"), ("load_s", "load+quantize time")):
+        x, y = res.get(key), llmc.get(key)
+        r = x / y if x is not None and y else None
+        if r is not None:
+            checks.append((f"{name} {label} / {METHODS['llmc-sq'].label}", r, "(for reference)", None))
     for key, name in (("prefill_tps", "prefill"), ("decode_tps", "decode")):
         x, y = res.get(key), bf16.get(key)
         r = x / y if x is not None and y else None
