@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hf_ptq")
 
 _MIN_MAGNITUDE = 1e-5  # floor for channel maxima in the smoothing factors (a dead channel gets s = 1)
-SAMPLE_ROWS = 1024  # most calibration rows kept per input for the α search
+SAMPLE_ROWS = 512  # most calibration rows kept per input (α search, static scale clipping)
 ALPHA_GRID = tuple(i / 10 for i in range(11))  # α candidates of `alpha="auto"`
 CLIP_GRID = tuple(1 - i / 20 for i in range(11))  # static input range candidates, fractions of the calibration max
 
@@ -121,15 +121,17 @@ def static_input_scale(act_amax: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 @torch.no_grad()
 def clipped_input_scale(weight: torch.Tensor, stats: SmoothQuantStats, dtype: torch.dtype) -> torch.Tensor:
     """[1] static activation scale: `static_input_scale` shrunk to the fraction of `CLIP_GRID` with the smallest
-    output error `||(X - Q(X)) Wᵀ||²` on the sampled calibration rows X (a few extreme tokens otherwise set a range
-    that leaves every other token a handful of levels; values beyond it saturate)."""
-    x, w = stats.sample.to(weight.device), weight.float()
+    rounding error on the sampled calibration rows X, each input channel weighted by the squared norm of the
+    weight column it multiplies, `Σ_j ||W_j||² Σ_t (x_tj - Q(x)_tj)²` (a few extreme tokens otherwise set a range
+    that leaves every other token a handful of levels; values beyond the range saturate)."""
+    x = stats.sample.to(weight.device)
+    importance = weight.float().square().sum(0)
     full = static_input_scale(stats.amax, torch.float32)
     best: tuple[float, torch.Tensor] | None = None
     for fraction in CLIP_GRID:
         scale = round_scale(full * fraction, dtype)
         x_q = dequantize(quantize_with(x, scale, None, 8, 0), scale, None, 0)
-        error = ((x - x_q) @ w.t()).square().sum().item()
+        error = ((x - x_q).square() @ importance).sum().item()
         if best is None or error < best[0]:
             best = (error, scale)
     return best[1]

@@ -102,7 +102,7 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= w8a8.weight_only_max_rows() and w8a8.int_mm_supported(x2.device):
-            y = kernels.int8_matmul(_bf16_rows(x2), self.weight, self._scale("weight", torch.bfloat16, x2.device))
+            y = kernels.int8_matmul(_bf16_rows(x2), self.weight, self._scale("weight", torch.bfloat16))
         else:
             y = self._w8a8(x2)
         if self.bias is not None:
@@ -119,12 +119,11 @@ class W8A8Linear(nn.Module):
 
     def _w8a8(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [rows, in] -> fp32 [rows, out] without bias: `torch._int_mm` on CPU / CUDA, fp32 matmuls elsewhere."""
-        device = x2.device
-        if not w8a8.int_mm_supported(device):
+        if not w8a8.int_mm_supported(x2.device):
             q, scale = self.quantize_input(x2)
             return (q.float() @ self.weight.float().t()).mul_(scale).mul_(self.weight_scale.float().reshape(1, -1))
-        input_scale = self._scale("input", torch.float32, device) if self.static else None
-        return w8a8.w8a8_matmul(x2, self.weight, self._scale("weight", torch.float32, device), input_scale)
+        input_scale = self._scale("input", torch.float32) if self.static else None
+        return w8a8.w8a8_matmul(x2, self.weight, self._scale("weight", torch.float32), input_scale)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The W8A8 computation in float64 from the stored integers and scales, fp32 out: what the int8 path is
@@ -144,14 +143,15 @@ class W8A8Linear(nn.Module):
             return w8a8.quantize_per_tensor(x2, scale), scale
         return w8a8.quantize_per_token(x2)
 
-    def _scale(self, which: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """`weight_scale` as [out] or `input_scale` as [1], in `dtype` on `device`, cached until the buffers
-        change."""
-        key = (which, dtype, device)
-        if key not in self._scales:
+    def _scale(self, which: str, dtype: torch.dtype) -> torch.Tensor:
+        """`weight_scale` as [out] or `input_scale` as [1] in `dtype` (contiguous, on the buffers' device), cached
+        until the buffers change."""
+        key = (which, dtype)
+        cached = self._scales.get(key)
+        if cached is None:
             source = self.weight_scale.reshape(-1) if which == "weight" else self.input_scale
-            self._scales[key] = source.to(device=device, dtype=dtype).contiguous()
-        return self._scales[key]
+            cached = self._scales[key] = source.to(dtype).contiguous()
+        return cached
 
     def _apply(self, fn, recurse: bool = True):
         self.invalidate_caches()  # cached scales follow the buffers' device and dtype
