@@ -7,13 +7,10 @@ calibration data is described there (source, size, hash), never embedded.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from transformers.utils.quantization_config import QuantizationConfigMixin
-
-from .calibration.describe import describe_dataset
 from .config import _METHOD_FIELDS as _PTQ_METHOD_FIELDS
+from .config_base import HfPtqConfig
 from .methods.gptq import GPTQ_FIELDS
 
 QUANT_METHOD = "hf_ptq_smoothquant"
@@ -34,7 +31,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-class SmoothQuantConfig(QuantizationConfigMixin):
+class SmoothQuantConfig(HfPtqConfig):
     """W8A8 config for `AutoModel*.from_pretrained(..., quantization_config=SmoothQuantConfig(...))`.
 
     Args:
@@ -97,15 +94,8 @@ class SmoothQuantConfig(QuantizationConfigMixin):
         self.desc_act = desc_act
         self.block_size = block_size
         self.clip = clip
-        # Keys written by `to_dict` that are not constructor arguments (dataset description, version).
-        self.dataset_description = saved.pop("dataset_description", None)
-        self.format_version = saved.pop("format_version", 1)
-        if saved:
-            raise ValueError(
-                f"SmoothQuantConfig got unknown field(s) {sorted(saved)}; known fields: alpha, activations, "
-                "weight_method, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, tokenizer, "
-                "true_sequential, " + ", ".join(_GPTQ_OPTIONS) + "."
-            )
+        known = "alpha, activations, weight_method, modules_to_not_convert, dataset, num_samples, seq_len, batch_size"
+        self._take_saved_keys(saved, [known, "tokenizer, true_sequential", *_GPTQ_OPTIONS])
         self.post_init()
 
     def post_init(self) -> None:
@@ -116,13 +106,7 @@ class SmoothQuantConfig(QuantizationConfigMixin):
             raise _fail("activations", self.activations, " or ".join(map(repr, _ACTIVATIONS)))
         if self.weight_method not in _WEIGHT_METHODS:
             raise _fail("weight_method", self.weight_method, " or ".join(map(repr, _WEIGHT_METHODS)))
-        mods = self.modules_to_not_convert
-        if mods is not None and (not isinstance(mods, list) or not all(isinstance(m, str) for m in mods)):
-            raise _fail("modules_to_not_convert", mods, 'a list of module names, e.g. ["lm_head", "mlp.down_proj"]')
-        for field in ("num_samples", "seq_len", "batch_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise _fail(field, value, "a positive integer")
+        self._check_shared_fields(_fail, needs_calibration=True)
         if self.true_sequential is None:
             self.true_sequential = self.weight_method == "gptq"
         if not isinstance(self.true_sequential, bool):
@@ -140,13 +124,6 @@ class SmoothQuantConfig(QuantizationConfigMixin):
                 setattr(self, field, default)
             elif not check(value):
                 raise _fail(field, value, allowed)
-        tok = self.tokenizer
-        if tok is not None and not isinstance(tok, str) and not callable(tok):
-            raise _fail("tokenizer", tok, "a tokenizer, a tokenizer name or folder, or None (the model's own)")
-        if self.dataset is not None:
-            self.dataset_description = describe_dataset(self.dataset)
-        elif self.dataset_description is None:
-            self.dataset_description = {"source": "sampled-from-model"}
 
     @property
     def method(self) -> str:
@@ -157,20 +134,6 @@ class SmoothQuantConfig(QuantizationConfigMixin):
     def static(self) -> bool:
         """True for static per-tensor activation scales."""
         return self.activations == "static"
-
-    # --- serialization -------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: the calibration data itself is replaced by its description."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
-        out["dataset"] = None
-        out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
-        return out
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SmoothQuantConfig) and self.to_dict() == other.to_dict()
 
     def describe(self) -> str:
         """One line for logs and model cards, e.g. `smoothquant w8a8 alpha=0.5 dynamic per-token, rtn weights`."""

@@ -394,3 +394,24 @@ def test_alpha_auto_end_to_end(monkeypatch) -> None:
     without_smoothing(monkeypatch)
     plain = hf_ptq.quantize(copy.deepcopy(model), sq_config())
     assert rel_err(model_output(auto_model, CALIB), ref) < 0.3 * rel_err(model_output(plain, CALIB), ref)
+
+
+def test_fold_into_a_w8a8_producer_scales_its_rows() -> None:
+    """A producer already quantized to W8A8 (v_proj before o_proj, up_proj before down_proj) takes the scale in its
+    per-row weight scales and bias; undo restores it."""
+    from hf_ptq.core.quant import W8A8Weight, quantize
+    from hf_ptq.nn.replace import filled_w8a8_linear
+    from hf_ptq.pipeline.families import FamilyLayout, ScaleGroup
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=True)
+    layer = filled_w8a8_linear(linear, W8A8Weight(quantize(linear.weight.data, 8, -1, True)), dtype=torch.float32)
+    block = nn.Module()
+    block.v = layer
+    x = torch.randn(40, 64)
+    before = layer(x)
+    s = torch.linspace(0.5, 2.0, 32)
+    undo = fold_into_producer(block, ScaleGroup("v", ("o",)), FamilyLayout(()), s)
+    assert torch.allclose(layer(x) * s, before, rtol=1e-5, atol=1e-6)
+    undo()
+    assert torch.equal(layer(x), before)

@@ -24,7 +24,7 @@ from torch import nn
 from .. import kernels
 from ..core.quant import QuantizedWeight, W8A8Weight, dequantize
 from ..kernels import w8a8
-from .quant_linear import _bf16_rows
+from .quant_linear import QuantLinear, _bf16_rows
 
 
 class W8A8Linear(nn.Module):
@@ -78,16 +78,9 @@ class W8A8Linear(nn.Module):
         """Drop the scales cached in kernel dtypes, after changing the buffers."""
         self._scales.clear()
 
-    def scale_output_channels_(self, factors: torch.Tensor, start: int = 0) -> None:
-        """Multiply output channels `start : start + len(factors)` (their scales and bias) by `factors` [n] (> 0):
-        exact up to storing the new scales in their dtype (how a smoothing scale is folded into a quantized
-        producer, e.g. v_proj before o_proj)."""
-        rows = slice(start, start + factors.numel())
-        f = factors.to(self.weight_scale.device, torch.float32)
-        self.weight_scale[rows] = (self.weight_scale[rows].float() * f[:, None]).to(self.weight_scale.dtype)
-        if self.bias is not None:
-            self.bias.data[rows] = (self.bias.data[rows].float() * f).to(self.bias.dtype)
-        self.invalidate_caches()
+    # Multiply output channels (their scales and bias) by factors, exactly as QuantLinear does with its row scales:
+    # how a smoothing scale is folded into a quantized producer (v_proj before o_proj, up_proj before down_proj).
+    scale_output_channels_ = QuantLinear.scale_output_channels_
 
     def quantized(self) -> W8A8Weight:
         """The stored weight and activation scheme."""
