@@ -56,7 +56,8 @@ METHODS = {
     "awq-w4": Method("hf_ptq awq w4 g64", True, calibrated=True, baseline="llmc-awq", time_target=0.25),
     "llmc-awq": Method("llm-compressor awq w4 g64", False, calibrated=True, external="awq"),
     "w8a8": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, rtn)", True, True, baseline="llmc-sq", w8a8=True),
-    "w8a8-static": Method("hf_ptq smoothquant w8a8 static (α 0.5, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-auto": Method("hf_ptq smoothquant w8a8 dynamic (α auto, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-static": Method("hf_ptq smoothquant w8a8 static (α 0.8, rtn)", True, True, baseline="llmc-sq", w8a8=True),
     "w8a8-gptq": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, gptq)", True, True, baseline="llmc-sq", w8a8=True),
     "llmc-sq": Method(
         "llm-compressor smoothquant 0.8 + gptq w8a8", False, calibrated=True, external="smoothquant-w8a8", w8a8=True
@@ -95,7 +96,8 @@ def quantization_config(method: str, calibration=None):
         "gptq-w4-noact": lambda: calibrated("gptq", desc_act=False),
         "awq-w4": lambda: calibrated("awq"),
         "w8a8": lambda: smoothquant(),
-        "w8a8-static": lambda: smoothquant(activations="static"),
+        "w8a8-auto": lambda: smoothquant(alpha="auto"),
+        "w8a8-static": lambda: smoothquant(activations="static", alpha=0.8),
         "w8a8-gptq": lambda: smoothquant(weight_method="gptq"),
         "bnb-nf4": lambda: BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
