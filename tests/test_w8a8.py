@@ -146,6 +146,17 @@ def test_state_dict_uses_compressed_tensors_names() -> None:
     assert static.state_dict()["input_scale"].dtype == torch.bfloat16
 
 
+def test_quantized_weight_round_trip() -> None:
+    w = torch.randn(8, 32).to(torch.bfloat16)
+    stored = W8A8Weight(quantize(w, 8, -1, True), torch.tensor([0.25]))
+    layer = W8A8Linear(32, 8, False, static=True)
+    layer.set_quantized(stored)
+    back = layer.quantized_weight()
+    assert torch.equal(back.weight.q, stored.weight.q) and torch.equal(back.weight.scale, stored.weight.scale)
+    assert torch.equal(back.input_scale.float(), stored.input_scale)
+    assert torch.equal(layer.dequantized_weight(torch.float32), stored.weight.dequantize())
+
+
 def test_set_quantized_rejects_other_layouts() -> None:
     layer = W8A8Linear(32, 8, False, static=False)
     w = torch.randn(8, 32)

@@ -82,8 +82,8 @@ class W8A8Linear(nn.Module):
     # how a smoothing scale is folded into a quantized producer (v_proj before o_proj, up_proj before down_proj).
     scale_output_channels_ = QuantLinear.scale_output_channels_
 
-    def quantized(self) -> W8A8Weight:
-        """The stored weight and activation scheme."""
+    def quantized_weight(self) -> W8A8Weight:
+        """The stored weight and activation scheme (what `set_quantized` took), e.g. for exporters."""
         qw = QuantizedWeight(self.weight, self.weight_scale, None, 8, -1)
         return W8A8Weight(qw, self.input_scale)
 
