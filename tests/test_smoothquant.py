@@ -415,3 +415,35 @@ def test_fold_into_a_w8a8_producer_scales_its_rows() -> None:
     assert torch.allclose(layer(x) * s, before, rtol=1e-5, atol=1e-6)
     undo()
     assert torch.equal(layer(x), before)
+
+
+def test_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
+    """accelerate offloading a block to disk: its norm takes the folded scale, its Linears become W8A8Linears on
+    the execution device, and the model computes what the in-memory one does."""
+    model = FAMILIES["llama"].build(dtype=torch.float32)
+    model.save_pretrained(tmp_path / "float")
+    cfg = sq_config(activations="static")
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float",
+        quantization_config=cfg,
+        device_map=device_map,
+        offload_folder=str(tmp_path / "offload"),
+        dtype=torch.float32,
+    )
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, dtype=torch.float32)
+    layer = offloaded.model.layers[1].mlp.down_proj
+    assert isinstance(layer, W8A8Linear) and layer.weight.device.type == "cpu"
+    assert torch.equal(layer.weight, plain.model.layers[1].mlp.down_proj.weight)
+    norm = offloaded.model.layers[1].input_layernorm.weight
+    assert torch.allclose(norm, plain.model.layers[1].input_layernorm.weight)
+    assert not torch.allclose(norm, torch.ones_like(norm))  # a smoothing scale was folded in
+    ids = input_ids()
+    assert rel_err(model_output(offloaded, ids), model_output(plain, ids)) < 1e-2
