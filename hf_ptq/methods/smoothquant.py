@@ -10,7 +10,7 @@ and multiplies the weight's input channel j by the same s_j, which leaves `x W�
 the operation producing x (a norm's weight or a preceding Linear's output rows; see `hf_ptq.pipeline`), so it
 costs nothing at inference. Then the weight (times s) is quantized to int8 per output channel, by round-to-nearest
 or by GPTQ, and the activations to int8: per token on every call (dynamic), or with one scale per tensor fixed
-here from the calibration maximum (static).
+here from the calibration maximum, clipped where that lowers the rounding error (static).
 
 With `alpha="auto"` α is chosen per group of Linears sharing an input, from `ALPHA_GRID`, as the one whose W8A8
 output error `||X Wᵀ - Q(X / s) Q(W s)ᵀ||²` over a sample of the calibration rows is smallest (RTN weights, the
