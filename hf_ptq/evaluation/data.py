@@ -16,6 +16,11 @@ SELF_WRITTEN_PROMPTS = (
     "What should I pack for a week of hiking in the mountains?",
 )
 
+_BAD_DATA = (
+    "evaluate(data=...) got {}: pass a text file path, a string, a list of strings, a datasets.Dataset, a "
+    "LongTensor of token ids, or None (text written by the reference model)."
+)
+
 
 def describe_data(data: Any, text_column: str = "text") -> str:
     """One line naming the evaluation data, for reports."""
@@ -29,7 +34,9 @@ def describe_data(data: Any, text_column: str = "text") -> str:
         return f"a string of {len(data)} characters"
     if isinstance(data, (list, tuple)):
         return f"{len(data)} texts"
-    return f"datasets.Dataset column {text_column!r} ({len(data)} rows)"
+    if hasattr(data, "column_names"):
+        return f"datasets.Dataset column {text_column!r} ({len(data)} rows)"
+    raise TypeError(_BAD_DATA.format(type(data).__name__))
 
 
 def _is_file(text: str) -> bool:
@@ -52,10 +59,7 @@ def data_text(data: Any, text_column: str = "text") -> str:
                 "pass text_column=... naming its text column."
             )
         return "\n\n".join(data[text_column])
-    raise TypeError(
-        f"evaluate(data=...) got {type(data).__name__}: pass a text file path, a string, a list of strings, a "
-        "datasets.Dataset, a LongTensor of token ids, or None (text written by the reference model)."
-    )
+    raise TypeError(_BAD_DATA.format(type(data).__name__))
 
 
 def data_ids(data: Any, tokenizer: Any, text_column: str = "text") -> torch.Tensor:

@@ -189,6 +189,30 @@ class EvalResult:
         out["downstream_drop"] = self.downstream_drop
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResult:
+        """Inverse of `to_dict` (derived ratios are recomputed, not read)."""
+        fields = {
+            k: data[k]
+            for k in ("kl_divergence", "top1_agreement", "tokens_scored", "windows", "data", "downstream_skipped")
+            if k in data
+        }
+        reference = ModelStats(**data["reference"]) if data.get("reference") else None
+        return cls(ModelStats(**data["model"]), reference, **fields)
+
+    def headline(self) -> dict[str, str]:
+        """The numbers a model card shows: {metric name: formatted value}."""
+        out = {"perplexity": _fmt(self.model.perplexity, ".3f")}
+        if self.reference is not None:
+            out["perplexity of the unquantized model"] = _fmt(self.reference.perplexity, ".3f")
+            out["KL divergence from the unquantized model (nats/token)"] = _fmt(self.kl_divergence, ".4f")
+            out["top-1 agreement with the unquantized model"] = _fmt(self.top1_agreement, ".1%")
+        for task, score in self.model.downstream.items():
+            out[f"{task} accuracy"] = _fmt(score, ".1%")
+        if self.data:
+            out["evaluation data"] = self.data
+        return {k: v for k, v in out.items() if v != "—"}
+
     def to_markdown(self, thresholds: Thresholds | None = None) -> str:
         """The measurements (model and reference side by side) and the checklist, as markdown tables."""
         rows = metric_rows(self)
