@@ -13,6 +13,7 @@ from ..methods import method_names, method_spec
 
 DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct (offline)"
 EMBEDDED_GROUP_SIZE = 64  # SmolLM2's hidden size 576 is not a multiple of 128
+_CALIBRATION_FIELDS = ("dataset", "num_samples", "seq_len", "batch_size")
 
 
 def embedded_model() -> str:
@@ -66,8 +67,9 @@ def check_method(name: str) -> str:
 
 
 def config_from_args(method: str, args: argparse.Namespace, embedded: bool, lenient: bool = False) -> PtqConfig:
-    """The PtqConfig for `method` (validated now, before any work). `lenient` drops the fields a method always
-    sets itself (int8's bits and group size) instead of rejecting them, for one set of flags over many methods."""
+    """The PtqConfig for `method` (validated now, before any work). `lenient` (one set of flags for many methods)
+    drops the fields a method sets itself (int8's bits and group size) and, for methods without calibration, the
+    calibration fields, instead of passing them on."""
     fields: dict[str, Any] = {
         "bits": args.bits,
         "group_size": args.group_size,
@@ -79,11 +81,12 @@ def config_from_args(method: str, args: argparse.Namespace, embedded: bool, leni
         "batch_size": args.batch_size,
     }
     fields.update(dict(args.set))
-    forced = method_spec(check_method(method)).forced_fields
-    if fields["group_size"] is None and embedded and "group_size" not in forced:
+    spec = method_spec(check_method(method))
+    if fields["group_size"] is None and embedded and "group_size" not in spec.forced_fields:
         fields["group_size"] = EMBEDDED_GROUP_SIZE
     if lenient:
-        fields = {k: v for k, v in fields.items() if k not in forced}
+        unused = set(spec.forced_fields) | (set() if spec.needs_calibration else set(_CALIBRATION_FIELDS))
+        fields = {k: v for k, v in fields.items() if k not in unused}
     return PtqConfig(method=method, **{k: v for k, v in fields.items() if v is not None})
 
 

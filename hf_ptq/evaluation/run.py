@@ -136,7 +136,9 @@ class Evaluator:
         if self._ids is None:
             if self.data is None:
                 writer = self.reference if self.reference is not None else fallback
-                self._ids = self_written_ids(writer, self.tokenizer)
+                with tqdm(total=1, desc="hf_ptq eval text: sampling it from the reference model", unit="text") as bar:
+                    self._ids = self_written_ids(writer, self.tokenizer)
+                    bar.update()
                 if self.reference is None:
                     self.data_description = "text written by the model itself (no data needed)"
             else:
@@ -158,9 +160,13 @@ class Evaluator:
             return
         prefill = self.ids(model)[: self.max_length].reshape(1, -1)
         prompt = self.tokenizer(DECODE_PROMPT, return_tensors="pt").input_ids
+        bar = tqdm(total=2, desc=f"hf_ptq speed {stats.name}", unit="test")
         with PeakMemory(model_device(model)) as peak:
             stats.prefill_tokens_per_s = prefill_tokens_per_s(model, prefill, repeats=self.speed_repeats)
+            bar.update()
             stats.decode_tokens_per_s = decode_tokens_per_s(model, prompt, self.new_tokens, repeats=self.speed_repeats)
+            bar.update()
+        bar.close()
         stats.peak_memory_bytes = stats.memory_bytes + peak.bytes
 
     def measure_reference(self, fallback: torch.nn.Module) -> None:
