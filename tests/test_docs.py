@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_tiny_llama_with_tokenizer
 from test_hub import hub  # noqa: F401  (the Hub replaced by a recorder)
 
 from hf_ptq.cli import build_parser
@@ -38,26 +38,8 @@ PAGES = sorted(p.name for p in DOCS.glob("*.md") if code_blocks(p, "python"))
 
 @pytest.fixture(scope="module")
 def doc_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama (hidden 128, so group_size 64 and 128 both fit) saved with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from hf_ptq.default_model import smollm2_checkpoint
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("doc-model")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A tiny Llama with hidden size 128 (so group_size 64 and 128 both fit) and SmolLM2's tokenizer."""
+    return save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("doc-model"), hidden=128, intermediate=256)
 
 
 def test_every_page_with_code_is_tested():

@@ -160,6 +160,7 @@ def test_data_free_evaluation_uses_text_the_reference_wrote(tiny, quantized):
         ({"tasks": "hellaswag"}, "tasks must be a list"),
         ({"max_length": 4096}, "exceeds the model's context of 2048 tokens"),
         ({"data": 3.5}, "got float: pass a text file path"),
+        ({"data": torch.tensor([5, 60000])}, "token id 60000 is outside the model's vocabulary of 49152: the tok"),
     ],
 )
 def test_bad_options_fail_with_the_field_named(tiny, kwargs, match):

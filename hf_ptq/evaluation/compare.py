@@ -20,7 +20,7 @@ from ..files import check_output_folder, staged_folder
 from .memory import checkpoint_bytes
 from .report import comparison_markdown, machine_line
 from .result import EvalResult, ModelStats, Thresholds
-from .run import Evaluator, check_options, load_model, model_device, resolve_tokenizer
+from .run import EvalOptions, Evaluator, load_model, model_device, resolve_tokenizer
 
 logger = logging.getLogger("hf_ptq")
 
@@ -92,6 +92,19 @@ def quantize_and_reload(source: Any, name: str, config: Any, dtype: torch.dtype 
     return model, stats
 
 
+def setup_line(model: Any, evaluator: Evaluator, results: dict[str, EvalResult], reference: Any) -> str:
+    """What was measured, how, and where: the report's first paragraph."""
+    o = evaluator.options
+    text = f"Model: `{model}`. Evaluation: {evaluator.data_description}"
+    first = next((r for r in results.values() if r.windows), None)
+    if first is not None:
+        text += f"; {first.windows} windows of up to {o.max_length} tokens (stride {o.stride or o.max_length})"
+        text += f", {first.tokens_scored} tokens scored"
+    if o.speed:
+        text += f"; decode: batch 1, {o.new_tokens} new tokens, best of {o.speed_repeats}"
+    return text + f". Measured on {machine_line(model_device(reference))}."
+
+
 def compare(
     configs: Sequence[Any] | Mapping[str, Any],
     model: Any = None,
@@ -99,25 +112,16 @@ def compare(
     out_dir: str | Path | None = "hf_ptq-comparison",
     overwrite: bool = False,
     tokenizer: Any = None,
-    data: Any = None,
-    text_column: str = "text",
-    max_length: int = 512,
-    stride: int | None = None,
-    max_windows: int | None = None,
-    speed: bool = True,
-    new_tokens: int = 64,
-    speed_repeats: int = 3,
-    tasks: list[str] | None = None,
-    task_limit: int | None = None,
     thresholds: Thresholds | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
     plot: bool = True,
+    **eval_options: Any,
 ) -> Comparison:
     """Quantize `model` with each config, and measure every result against the unquantized model.
 
     Each config: quantize on load (timed), save, reload from the saved folder (load time, checkpoint size), then
-    `evaluate`'s measurements on the same data and windows (see `hf_ptq.evaluate` for `data` ... `task_limit`).
-    A config that fails is reported as an error row; the others still run.
+    `evaluate`'s measurements on the same data and windows, against the reference measured once. A config that
+    fails is reported as an error row; the others still run.
 
     Args:
         configs: quantization configs (`PtqConfig`, or any transformers quantization config), as a list (named
@@ -127,8 +131,10 @@ def compare(
             all at once (an interrupted run leaves nothing); None writes nothing.
         thresholds: the checklist's targets (default `Thresholds()`).
         plot: draw `comparison.png` (needs matplotlib: `pip install hf-ptq[plot]`).
+        eval_options: `evaluate`'s `data`, `text_column`, `max_length`, `stride`, `max_windows`, `speed`,
+            `new_tokens`, `speed_repeats`, `tasks`, `task_limit`.
     """
-    check_options(max_length, stride, max_windows, new_tokens, tasks)
+    options = EvalOptions(**eval_options)
     named = named_configs(configs)
     thresholds = thresholds or Thresholds()
     if out_dir is not None:
@@ -142,21 +148,7 @@ def compare(
     tokenizer = resolve_tokenizer(tokenizer, model)
     reference, ref_stats = load_model(model, dtype)
     ref_stats.name = f"{ref_stats.name} ({str(dtype).removeprefix('torch.') if dtype else 'as saved'})"
-    evaluator = Evaluator(
-        tokenizer,
-        reference,
-        ref_stats,
-        data=data,
-        text_column=text_column,
-        max_length=max_length,
-        stride=stride,
-        max_windows=max_windows,
-        speed=speed,
-        new_tokens=new_tokens,
-        speed_repeats=speed_repeats,
-        tasks=tasks,
-        task_limit=task_limit,
-    )
+    evaluator = Evaluator(tokenizer, reference, ref_stats, options)
     evaluator.measure_reference(reference)
     results: dict[str, EvalResult] = {}
     for name, config in tqdm(named.items(), desc="hf_ptq compare", unit="config"):
@@ -169,18 +161,7 @@ def compare(
             results[name] = EvalResult(ModelStats(name, error=f"{type(err).__name__}: {err}"), ref_stats)
         gc.collect()
 
-    first = next((r for r in results.values() if r.windows), None)
-    setup = (
-        f"Model: `{model}`. Evaluation: {evaluator.data_description}"
-        + (
-            f"; {first.windows} windows of up to {max_length} tokens (stride {stride or max_length}), "
-            f"{first.tokens_scored} tokens scored"
-            if first
-            else ""
-        )
-        + (f"; decode: batch 1, {new_tokens} new tokens, best of {speed_repeats}" if speed else "")
-        + f". Measured on {machine_line(model_device(reference))}."
-    )
+    setup = setup_line(model, evaluator, results, reference)
     title = f"Quantization comparison: {Path(str(model)).name}"
     comparison = Comparison(ref_stats, results, thresholds)
     if out_dir is None:

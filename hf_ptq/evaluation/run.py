@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,38 @@ def _positive(name: str, value: Any, optional: bool = False) -> None:
         raise ValueError(f"evaluate({name}={value!r}): {name} must be a positive integer" + (" or None" * optional))
 
 
-def check_options(max_length: int, stride: int | None, max_windows: int | None, new_tokens: int, tasks: Any) -> None:
-    """Validate evaluation options before any model is loaded."""
-    _positive("max_length", max_length)
-    _positive("stride", stride, optional=True)
-    _positive("max_windows", max_windows, optional=True)
-    _positive("new_tokens", new_tokens)
-    if stride is not None and stride > max_length:
-        raise ValueError(f"evaluate(stride={stride}): stride must be at most max_length={max_length}")
-    if tasks is not None and (isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks)):
-        raise ValueError(f"evaluate(tasks={tasks!r}): tasks must be a list of lm-eval task names, e.g. ['hellaswag']")
+@dataclass(frozen=True)
+class EvalOptions:
+    """What and how `evaluate` / `compare` measure (see `evaluate` for each field); validated at construction,
+    before any model is loaded."""
+
+    data: Any = None
+    text_column: str = "text"
+    max_length: int = 512
+    stride: int | None = None
+    max_windows: int | None = None
+    speed: bool = True
+    new_tokens: int = 64
+    speed_repeats: int = 3
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("max_length", self.max_length)
+        _positive("stride", self.stride, optional=True)
+        _positive("max_windows", self.max_windows, optional=True)
+        _positive("new_tokens", self.new_tokens)
+        _positive("speed_repeats", self.speed_repeats)
+        _positive("task_limit", self.task_limit, optional=True)
+        if self.stride is not None and self.stride > self.max_length:
+            raise ValueError(f"evaluate(stride={self.stride}): stride must be at most max_length={self.max_length}")
+        tasks = self.tasks or ()
+        if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(
+                f"evaluate(tasks={tasks!r}): tasks must be a list of lm-eval task names, e.g. ['hellaswag']"
+            )
+        object.__setattr__(self, "tasks", tuple(tasks))
+        describe_data(self.data, self.text_column)  # rejects unsupported data types now
 
 
 def is_source(obj: Any) -> bool:
@@ -102,31 +125,14 @@ class Evaluator:
         tokenizer: Any,
         reference: torch.nn.Module | None = None,
         reference_stats: ModelStats | None = None,
-        *,
-        data: Any = None,
-        text_column: str = "text",
-        max_length: int = 512,
-        stride: int | None = None,
-        max_windows: int | None = None,
-        speed: bool = True,
-        new_tokens: int = 64,
-        speed_repeats: int = 3,
-        tasks: list[str] | None = None,
-        task_limit: int | None = None,
+        options: EvalOptions | None = None,
     ) -> None:
         self.tokenizer, self.reference = tokenizer, reference
         self.reference_stats = reference_stats if reference is not None else None
         if reference is not None and self.reference_stats is None:
             self.reference_stats = ModelStats(model_name(reference), checkpoint_bytes=state_dict_bytes(reference))
-        self.data, self.text_column, self.max_length, self.stride = data, text_column, max_length, stride
-        self.max_windows, self.speed, self.new_tokens, self.speed_repeats = (
-            max_windows,
-            speed,
-            new_tokens,
-            speed_repeats,
-        )
-        self.tasks, self.task_limit = list(tasks or []), task_limit
-        self.data_description = describe_data(data, text_column)
+        self.options = options or EvalOptions()
+        self.data_description = describe_data(self.options.data, self.options.text_column)
         self._ids: torch.Tensor | None = None
         self._reference_measured = False
         self.downstream_skipped: str | None = None
@@ -134,7 +140,7 @@ class Evaluator:
     def ids(self, fallback: torch.nn.Module) -> torch.Tensor:
         """The evaluation tokens, 1-D (data-free: written by the reference, else by `fallback`)."""
         if self._ids is None:
-            if self.data is None:
+            if self.options.data is None:
                 writer = self.reference if self.reference is not None else fallback
                 with tqdm(total=1, desc="hf_ptq eval text: sampling it from the reference model", unit="text") as bar:
                     self._ids = self_written_ids(writer, self.tokenizer)
@@ -142,29 +148,39 @@ class Evaluator:
                 if self.reference is None:
                     self.data_description = "text written by the model itself (no data needed)"
             else:
-                self._ids = data_ids(self.data, self.tokenizer, self.text_column)
+                self._ids = data_ids(self.options.data, self.tokenizer, self.options.text_column)
         return self._ids
 
-    def _check_context(self, model: torch.nn.Module) -> None:
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if limit is not None and self.max_length > limit:
+    def _check_model(self, model: torch.nn.Module, ids: torch.Tensor) -> None:
+        """Errors that would otherwise surface as an index error or garbage: the tokenizer does not match the
+        model (token ids beyond its embedding), or windows longer than its context."""
+        vocab = model.get_input_embeddings().num_embeddings
+        if ids.numel() and int(ids.max()) >= vocab:
             raise ValueError(
-                f"evaluate(max_length={self.max_length}) exceeds the model's context of {limit} tokens: pass "
+                f"evaluate(): token id {int(ids.max())} is outside the model's vocabulary of {vocab}: the tokenizer "
+                "does not match the model (pass the model's own tokenizer; see docs/troubleshooting.md)."
+            )
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if limit is not None and self.options.max_length > limit:
+            raise ValueError(
+                f"evaluate(max_length={self.options.max_length}) exceeds the model's context of {limit} tokens: pass "
                 f"max_length <= {limit}."
             )
 
     def measure_speed_and_memory(self, model: torch.nn.Module, stats: ModelStats) -> None:
         """Memory held, prefill tokens/s over the first window, decode tokens/s, and the peak memory of running."""
         stats.memory_bytes = model_bytes(model)
-        if not self.speed:
+        if not self.options.speed:
             return
-        prefill = self.ids(model)[: self.max_length].reshape(1, -1)
+        prefill = self.ids(model)[: self.options.max_length].reshape(1, -1)
         prompt = self.tokenizer(DECODE_PROMPT, return_tensors="pt").input_ids
         bar = tqdm(total=2, desc=f"hf_ptq speed {stats.name}", unit="test")
         with PeakMemory(model_device(model)) as peak:
-            stats.prefill_tokens_per_s = prefill_tokens_per_s(model, prefill, repeats=self.speed_repeats)
+            stats.prefill_tokens_per_s = prefill_tokens_per_s(model, prefill, repeats=self.options.speed_repeats)
             bar.update()
-            stats.decode_tokens_per_s = decode_tokens_per_s(model, prompt, self.new_tokens, repeats=self.speed_repeats)
+            stats.decode_tokens_per_s = decode_tokens_per_s(
+                model, prompt, self.options.new_tokens, repeats=self.options.speed_repeats
+            )
             bar.update()
         bar.close()
         stats.peak_memory_bytes = stats.memory_bytes + peak.bytes
@@ -179,19 +195,24 @@ class Evaluator:
         self._reference_measured = True
 
     def _tasks(self, model: torch.nn.Module) -> dict[str, float]:
-        if not self.tasks:
+        if not self.options.tasks:
             return {}
-        scores, self.downstream_skipped = run_tasks(model, self.tokenizer, self.tasks, self.task_limit)
+        scores, self.downstream_skipped = run_tasks(model, self.tokenizer, self.options.tasks, self.options.task_limit)
         return scores
 
     @torch.inference_mode()
     def measure(self, model: torch.nn.Module, stats: ModelStats) -> EvalResult:
         """Every measurement of `model` (and, once, of the reference), as an `EvalResult`."""
-        self._check_context(model)
         ids = self.ids(model)
+        self._check_model(model, ids)
         self.measure_reference(model)
         self.measure_speed_and_memory(model, stats)
-        windows = sliding_windows(ids.numel(), self.max_length, self.stride or self.max_length, self.max_windows)
+        windows = sliding_windows(
+            ids.numel(),
+            self.options.max_length,
+            self.options.stride or self.options.max_length,
+            self.options.max_windows,
+        )
         meter = DivergenceMeter()
         nll, ref_nll, count = 0.0, 0.0, 0
         for w in tqdm(windows, desc=f"hf_ptq eval {stats.name}", unit="window"):
@@ -254,7 +275,18 @@ def evaluate(
 
     Returns an `EvalResult`; `print(result)` shows the numbers and the checklist.
     """
-    check_options(max_length, stride, max_windows, new_tokens, tasks)
+    options = EvalOptions(
+        data=data,
+        text_column=text_column,
+        max_length=max_length,
+        stride=stride,
+        max_windows=max_windows,
+        speed=speed,
+        new_tokens=new_tokens,
+        speed_repeats=speed_repeats,
+        tasks=tuple(tasks) if isinstance(tasks, (list, tuple)) else tasks or (),
+        task_limit=task_limit,
+    )
     import hf_ptq  # noqa: F401  (hf_ptq checkpoints need the registered quantizer to reload)
 
     tokenizer = resolve_tokenizer(tokenizer, model, reference)
@@ -265,21 +297,7 @@ def evaluate(
     ref_stats = None
     if is_source(reference):
         reference, ref_stats = load_model(reference, dtype)
-    evaluator = Evaluator(
-        tokenizer,
-        reference,
-        ref_stats,
-        data=data,
-        text_column=text_column,
-        max_length=max_length,
-        stride=stride,
-        max_windows=max_windows,
-        speed=speed,
-        new_tokens=new_tokens,
-        speed_repeats=speed_repeats,
-        tasks=tasks,
-        task_limit=task_limit,
-    )
+    evaluator = Evaluator(tokenizer, reference, ref_stats, options)
     result = evaluator.measure(model, stats)
     gc.collect()
     return result
