@@ -20,7 +20,7 @@ from .memory import (
 )
 from .perplexity import causal_lm_logits, nll_sum, perplexity, read_text, sliding_windows, token_windows
 from .result import Check, EvalResult, ModelStats, Thresholds
-from .run import Evaluator, evaluate
+from .run import EvalOptions, Evaluator, evaluate
 from .speed import CpuMonitor, decode_tokens_per_s, prefill_tokens_per_s, wait_for_idle_cpu
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Comparison",
     "CpuMonitor",
     "DivergenceMeter",
+    "EvalOptions",
     "EvalResult",
     "Evaluator",
     "ModelStats",

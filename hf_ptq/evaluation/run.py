@@ -204,7 +204,9 @@ class Evaluator:
     def measure(self, model: torch.nn.Module, stats: ModelStats) -> EvalResult:
         """Every measurement of `model` (and, once, of the reference), as an `EvalResult`."""
         ids = self.ids(model)
-        self._check_model(model, ids)
+        for checked in (model, self.reference):
+            if checked is not None:
+                self._check_model(checked, ids)
         self.measure_reference(model)
         self.measure_speed_and_memory(model, stats)
         windows = sliding_windows(
