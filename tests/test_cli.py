@@ -140,6 +140,15 @@ def test_push_uploads_the_folder_with_metrics(quantized_dir, tmp_path, hub):  # 
     assert files["model.safetensors"] == (quantized_dir / "model.safetensors").read_bytes()
 
 
+def test_quantize_push_to_hub_uploads_with_measured_metrics(tiny_llama_with_tokenizer_dir, tmp_path, text_file, hub):  # noqa: F811
+    args = ["quantize", str(tiny_llama_with_tokenizer_dir), "--group-size", "32", "--out", str(tmp_path / "q")]
+    args += ["--data", str(text_file), "--no-speed", "--max-length", "64", "--push-to-hub", "me/tiny-rtn"]
+    assert main(args) == 0
+    card = hub.files()["README.md"].decode()
+    assert "rtn w4 g32 asym" in card and "| top-1 agreement with the unquantized model |" in card
+    assert hub.files()["model.safetensors"] == (tmp_path / "q" / "model.safetensors").read_bytes()
+
+
 def test_push_rejects_a_float_folder(tiny_llama_with_tokenizer_dir, capsys, hub):  # noqa: F811
     assert main(["push", str(tiny_llama_with_tokenizer_dir), "me/x"]) == 2
     assert "holds no quantized model" in capsys.readouterr().err and hub.commits == []

@@ -147,7 +147,7 @@ def compare(
         model = str(smollm2_checkpoint())
     tokenizer = resolve_tokenizer(tokenizer, model)
     reference, ref_stats = load_model(model, dtype)
-    ref_stats.name = f"{ref_stats.name} ({str(dtype).removeprefix('torch.') if dtype else 'as saved'})"
+    ref_stats.name = f"unquantized ({str(dtype).removeprefix('torch.') if dtype else 'as saved'})"
     evaluator = Evaluator(tokenizer, reference, ref_stats, options)
     evaluator.measure_reference(reference)
     results: dict[str, EvalResult] = {}
