@@ -179,7 +179,7 @@ def test_optimum_cli_ptq_is_registered(tiny_llama_with_tokenizer_dir, tmp_path):
 def test_every_command_has_its_help():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert list(commands) == ["quantize", "eval", "compare", "push"]
+    assert {"quantize", "eval", "compare", "push"} <= set(commands)
     assert all(p.description for p in commands.values())
 
 
