@@ -7,6 +7,7 @@
 
 from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
+from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
 from .formats.hub import push_to_hub
 from .methods import method_names
 from .nn import QuantLinear
@@ -17,4 +18,17 @@ __version__ = "0.1.0"
 
 register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
 
-__all__ = ["PtqConfig", "PtqHfQuantizer", "QuantLinear", "method_names", "push_to_hub", "quantize", "__version__"]
+__all__ = [
+    "Comparison",
+    "EvalResult",
+    "PtqConfig",
+    "PtqHfQuantizer",
+    "QuantLinear",
+    "Thresholds",
+    "compare",
+    "evaluate",
+    "method_names",
+    "push_to_hub",
+    "quantize",
+    "__version__",
+]

@@ -234,9 +234,8 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with SmolLM2's real tokenizer (for scripts that tokenize and generate)."""
+def save_tiny_llama_with_tokenizer(folder: Path, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
+    """Save a tiny random bf16 Llama (tied embeddings) with SmolLM2's real tokenizer into `folder`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_ptq.default_model import smollm2_checkpoint
@@ -244,15 +243,20 @@ def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-tokenizer")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with SmolLM2's real tokenizer (for scripts that tokenize and generate)."""
+    return save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-llama-tokenizer"))

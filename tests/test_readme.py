@@ -30,3 +30,25 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     ids = namespace["inputs"]["input_ids"]
     with torch.no_grad():
         assert torch.equal(namespace["model"](ids).logits, namespace["reloaded"](ids).logits)
+
+
+def section_block(title: str) -> str:
+    section = README.read_text().split(f"## {title}", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_compare_example_runs(tmp_path, monkeypatch, capsys):
+    """README's "Measure and compare" block on the embedded SmolLM2 (data-free: one window of its own text)."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(section_block("Measure and compare"), str(README), "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "## Validation checklist" in printed and "| int8 w8 per-channel sym |" in printed
+    assert sorted(p.name for p in (tmp_path / "smollm2-comparison").iterdir()) == [
+        "comparison.png",
+        "report.md",
+        "results.json",
+    ]
+    int8 = namespace["result"]
+    assert int8.top1_agreement > 0.9 and int8.ppl_increase < 0.05 and 1.5 < int8.compression_ratio < 1.8
