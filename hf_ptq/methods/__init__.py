@@ -4,10 +4,15 @@ A method is a function of a weight (and, for calibrated methods, collected stati
 `QuantizedWeight`. Methods do no module surgery and no I/O. A calibrated method names the statistics it needs:
 a class built as `statistics(in_features)` whose `add_batch(x [..., in])` the pipeline calls with the inputs of
 the Linears it will quantize; the method is then called as `fn(weight [out, in], config, stats)`.
+
+A method wrapped from another library says so: `requires=(import name, hf-ptq extra)` names the package it needs to
+quantize, and `backend` names the library whose own modules hold the weights (bitsandbytes: its `Linear4bit` /
+`Linear8bitLt`, which also need the package to run); `backend=None` means hf_ptq's packed `QuantLinear`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +25,17 @@ class MethodSpec:
     """What the config and the quantizer need to know about one method."""
 
     name: str
-    quantize_weight: Callable[..., Any]
+    quantize_weight: Callable[..., Any] | None  # None for methods run by a backend's own quantizer (bitsandbytes)
     summary: str
     needs_calibration: bool = False
     forced_fields: dict[str, Any] = field(default_factory=dict)
     statistics: Callable[[int], Any] | None = None  # calibrated methods: per-input statistics accumulator
     fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
+    defaults: dict[str, Any] = field(default_factory=dict)  # shared fields whose default differs for this method
+    check: Callable[[Any], None] | None = None  # extra validation of a PtqConfig (raises ValueError naming the field)
+    requires: tuple[str, str] | None = None  # (import name, hf-ptq extra) of the package needed to quantize
+    backend: str | None = None  # library whose modules hold the weights; None: hf_ptq's QuantLinear
+    float_zero_point: bool = False  # zero points are floats (HQQ), stored unpacked in the model's dtype
 
 
 def register_method(
@@ -34,13 +44,30 @@ def register_method(
     needs_calibration: bool = False,
     statistics: Callable[[int], Any] | None = None,
     fields: tuple[str, ...] = (),
+    *,
+    defaults: dict[str, Any] | None = None,
+    check: Callable[[Any], None] | None = None,
+    requires: tuple[str, str] | None = None,
+    backend: str | None = None,
+    float_zero_point: bool = False,
     **forced_fields: Any,
 ):
     """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight` under `name`."""
 
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
         _METHODS[name] = MethodSpec(
-            name, fn, summary, needs_calibration, dict(forced_fields), statistics, tuple(fields)
+            name,
+            fn,
+            summary,
+            needs_calibration,
+            dict(forced_fields),
+            statistics,
+            tuple(fields),
+            dict(defaults or {}),
+            check,
+            requires,
+            backend,
+            float_zero_point,
         )
         return fn
 
@@ -57,5 +84,17 @@ def method_spec(name: str) -> MethodSpec:
     return _METHODS[name]
 
 
+def require_package(spec: MethodSpec) -> None:
+    """Raise ImportError naming the extra to install when the package `spec` needs is missing."""
+    if spec.requires is None:
+        return
+    package, extra = spec.requires
+    if importlib.util.find_spec(package) is None:
+        raise ImportError(
+            f"PtqConfig(method={spec.name!r}) needs the `{package}` package, which is not installed. "
+            f'Install it with: pip install "hf-ptq[{extra}]"'
+        )
+
+
 def _load_builtin() -> None:
-    from . import gptq, rtn  # noqa: F401  (registers gptq, rtn and int8)
+    from . import bnb, gptq, hqq, rtn  # noqa: F401  (registers nf4/fp4/llm_int8, gptq, hqq, rtn and int8)
