@@ -256,3 +256,13 @@ def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def assert_same_model(got: torch.nn.Module, expected: torch.nn.Module) -> None:
+    """Same state-dict keys, the same tensors bit for bit, and the same outputs."""
+    got_sd, expected_sd = got.state_dict(), expected.state_dict()
+    assert sorted(got_sd) == sorted(expected_sd)
+    for key, value in expected_sd.items():
+        assert got_sd[key].dtype == value.dtype and torch.equal(got_sd[key], value), key
+    ids = input_ids()
+    assert torch.equal(model_output(got, ids), model_output(expected, ids))

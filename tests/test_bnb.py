@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, input_ids, model_output, rel_err
+from conftest import FAMILIES, assert_same_model, input_ids, model_output, rel_err
 from test_hub import FakeHub, hub, write_files  # noqa: F401  (hub is a fixture)
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -49,12 +49,8 @@ def test_same_model_as_bits_and_bytes_config(name: str, tiny_llama_dir: Path) ->
     assert isinstance(ours.hf_quantizer, BnbHfQuantizer) and ours.hf_quantizer.is_trainable
     assert isinstance(ours.model.layers[1].self_attn.q_proj, bnb_layer_type(ours_cfg.method))
     assert not isinstance(ours.lm_head, bnb_layer_type(ours_cfg.method))  # the output embedding stays
-    ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
-    assert sorted(ours_sd) == sorted(theirs_sd)
-    for key, value in theirs_sd.items():
-        assert torch.equal(ours_sd[key], value), key
+    assert_same_model(ours, theirs)
     ids = input_ids()
-    assert torch.equal(model_output(ours, ids), model_output(theirs, ids))
     assert rel_err(model_output(ours, ids), model_output(FAMILIES["llama"].build(), ids)) < 0.2
 
 
@@ -101,12 +97,7 @@ def test_quantize_in_memory_equals_on_load(method: str, tiny_llama_dir: Path) ->
     on_load = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg, dtype=torch.bfloat16)
     in_memory = hf_ptq.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16), cfg)
     assert isinstance(in_memory.hf_quantizer, BnbHfQuantizer)
-    expected, got = on_load.state_dict(), in_memory.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
-    ids = input_ids()
-    assert torch.equal(model_output(in_memory, ids), model_output(on_load, ids))
+    assert_same_model(in_memory, on_load)
     with pytest.raises(ValueError, match="already quantized"):
         hf_ptq.quantize(in_memory, cfg)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, input_ids, model_output, rel_err
+from conftest import FAMILIES, assert_same_model, input_ids, model_output, rel_err
 from safetensors import safe_open
 from test_kernels import calls, check_close  # noqa: F401  (calls is a fixture)
 from transformers import AutoModelForCausalLM
@@ -110,20 +110,14 @@ def test_hqq_load_save_reload_exact(family_name: str, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (saved["quant_method"], saved["method"], saved["group_size"]) == ("hf_ptq", "hqq", 32)
 
-    reloaded = family.auto_class.from_pretrained(tmp_path / "q")
-    for key, value in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[key], value), key
-    assert torch.equal(model_output(reloaded, ids), out)
+    assert_same_model(family.auto_class.from_pretrained(tmp_path / "q"), model)
 
 
 def test_quantize_in_memory_equals_on_load(tiny_llama_dir: Path) -> None:
     cfg = PtqConfig(method="hqq", group_size=32)
     on_load = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
     in_memory = hf_ptq.quantize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), cfg)
-    expected, got = on_load.state_dict(), in_memory.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    assert_same_model(in_memory, on_load)
 
 
 def test_missing_hqq_package_names_the_extra_before_weights(
