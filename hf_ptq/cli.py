@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import PtqConfig
-from .methods import method_names
+from .methods import method_names, method_spec
 
 _PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, default_model: bool) -> PtqConfig:
     group_size = args.group_size
-    if group_size is None and args.method != "int8" and default_model:
+    if group_size is None and "group_size" not in method_spec(args.method).forced_fields and default_model:
         group_size = 64  # SmolLM2's hidden size 576 is not a multiple of 128
     return PtqConfig(
         method=args.method,

@@ -177,3 +177,13 @@ def test_missing_bitsandbytes_names_the_extra_before_weights(
             AutoModelForCausalLM.from_pretrained(source, **kwargs)
     with pytest.raises(ImportError, match=r"hf-ptq\[bnb\]"):
         hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(method="llm_int8"))
+
+
+def test_dequantize_gives_float_linears(tiny_llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=PtqConfig(method="nf4"))
+    layer = model.model.layers[0].mlp.down_proj
+    expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    model.dequantize()
+    dense = model.model.layers[0].mlp.down_proj
+    assert type(dense) is torch.nn.Linear and not getattr(model, "is_quantized", False)
+    assert torch.equal(dense.weight.float(), expected)

@@ -154,3 +154,13 @@ def test_missing_hqq_package_names_the_extra_before_weights(
 def test_hqq_rejects_fields_that_do_not_apply(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=rf"PtqConfig\.{field}="):
         PtqConfig(method="hqq", **kwargs)
+
+
+def test_dequantize_gives_float_linears(tiny_llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=PtqConfig(method="hqq", group_size=32)
+    )
+    expected = model.model.layers[0].mlp.down_proj.dequantized_weight(torch.float32)
+    model.dequantize(dtype=torch.float32)
+    dense = model.model.layers[0].mlp.down_proj
+    assert type(dense) is torch.nn.Linear and torch.equal(dense.weight, expected)
