@@ -139,3 +139,16 @@ def test_auto_end_to_end_cpu_deploy_is_int8() -> None:
     model = quantize(FAMILIES["llama"].build(), PtqConfig(method="auto", deploy="cpu"))
     layer = model.model.layers[0].mlp.down_proj
     assert isinstance(layer, QuantLinear) and (layer.bits, layer.group_size, layer.sym) == (8, -1, True)
+
+
+def test_auto_end_to_end_latency_with_data_is_awq() -> None:
+    """Calibration data and `prefer="latency"`: AWQ, with its own defaults, through the calibration pipeline."""
+    from hf_ptq import quantize
+
+    calib = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = PtqConfig(method="auto", prefer="latency", dataset=calib, num_samples=4, seq_len=16, group_size=32)
+    assert (cfg.method, cfg.duo_scaling, cfg.grid) == ("awq", True, 20)
+    assert "latency" in cfg.auto_choice["reason"]
+    model = quantize(FAMILIES["llama"].build(), cfg)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert model.config.quantization_config.auto_choice["method"] == "awq"
