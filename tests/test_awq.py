@@ -17,7 +17,7 @@ import hf_ptq
 from hf_ptq import PtqConfig
 from hf_ptq.core.clip_search import clipped_qparams
 from hf_ptq.core.quant import compute_qparams, quantize
-from hf_ptq.methods.awq import AWQStats, clipped_rtn, search_scale
+from hf_ptq.methods.awq import AWQStats, _rounded, clipped_rtn, search_scale
 from hf_ptq.nn import QuantLinear
 from hf_ptq.nn.replace import filled_quant_linear
 from hf_ptq.pipeline.blocks import find_blocks
@@ -190,6 +190,16 @@ def test_search_objective_is_the_output_error_and_never_worse_than_no_scaling() 
     q1 = quantize(w, 3, 32, False, torch.float32).dequantize()
     no_scaling = 2 * ((x @ w.t() - x @ q1.t()) ** 2).sum().item() / 256
     assert no_scaling == pytest.approx(errors[0], rel=1e-3) and direct <= no_scaling
+
+
+@pytest.mark.parametrize(("group_size", "sym"), [(32, False), (-1, True), (0, False)])
+def test_search_candidates_are_rounded_as_the_model_will_store_them(group_size: int, sym: bool) -> None:
+    """A candidate's Q(W s) / s is exactly what quantizing the bf16 weight W s and dequantizing gives."""
+    torch.manual_seed(4)
+    w, s = torch.randn(48, 64), torch.rand(64) + 0.5
+    cfg = PtqConfig(method="awq", bits=4, group_size=group_size, sym=sym)
+    expected = quantize((w * s).to(torch.bfloat16), 4, group_size, sym, torch.bfloat16).dequantize() / s
+    assert torch.equal(_rounded(w, s, cfg, torch.bfloat16), expected)
 
 
 def test_search_keeps_no_scaling_when_nothing_beats_it() -> None:
