@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, VOCAB, input_ids, model_output, rel_err
+from conftest import FAMILIES, LLAMA_BLOCK1_ON_DISK, VOCAB, assert_same_model, input_ids, model_output, rel_err
 from transformers.pytorch_utils import Conv1D
 
 import hf_ptq
@@ -267,12 +267,7 @@ def test_awq_every_family_save_reload(family_name: str, tmp_path: Path, caplog) 
     q.save_pretrained(tmp_path / "q")
     reloaded = family.auto_class.from_pretrained(tmp_path / "q")
     assert reloaded.config.quantization_config.method == "awq"
-    expected, got = q.state_dict(), reloaded.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
-    ids = input_ids()
-    assert torch.equal(model_output(reloaded, ids), model_output(q, ids))
+    assert_same_model(reloaded, q)
 
 
 def test_awq_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
@@ -280,18 +275,10 @@ def test_awq_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = awq_config(compute_dtype="float32")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.rotary_emb": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "lm_head": "cpu",
-    }
     offloaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "float",
         quantization_config=cfg,
-        device_map=device_map,
+        device_map=LLAMA_BLOCK1_ON_DISK,
         offload_folder=str(tmp_path / "offload"),
         dtype=torch.float32,
     )
