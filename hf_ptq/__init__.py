@@ -8,6 +8,7 @@
 
 from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
+from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
 from .formats.hub import push_to_hub
 from .methods import method_names
 from .nn import QuantLinear, W8A8Linear
@@ -22,12 +23,17 @@ register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
 register(SMOOTHQUANT_METHOD, SmoothQuantConfig, SmoothQuantHfQuantizer)
 
 __all__ = [
+    "Comparison",
+    "EvalResult",
     "PtqConfig",
     "PtqHfQuantizer",
     "QuantLinear",
     "SmoothQuantConfig",
     "SmoothQuantHfQuantizer",
+    "Thresholds",
     "W8A8Linear",
+    "compare",
+    "evaluate",
     "method_names",
     "push_to_hub",
     "quantize",

@@ -8,7 +8,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .calibration.data import calibration_batches
 from .config import PtqConfig
-from .methods import method_spec
+from .methods import method_spec, require_package
 from .nn import QUANTIZED_MODULES, quantizable_linears
 from .nn.replace import check_group_size, replace_linears
 from .pipeline import calibrate_and_quantize
@@ -23,12 +23,18 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
     `tokenizer` (default: `config.tokenizer`, else the tokenizer of the model's repo). The result saves with
     `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
     """
-    if any(isinstance(m, QUANTIZED_MODULES) for m in model.modules()):
-        raise ValueError("quantize(): this model is already quantized by hf_ptq.")
+    already = getattr(model, "hf_quantizer", None) is not None
+    if already or any(isinstance(m, QUANTIZED_MODULES) for m in model.modules()):
+        raise ValueError("quantize(): this model is already quantized.")
     spec = method_spec(config.method)
     skip = HfQuantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
     )
+    if spec.backend == "bitsandbytes":
+        from .quantizer.bnb import quantize_loaded_model
+
+        return _mark_quantized(model, config, skip, quantize_loaded_model(model, config, skip))
+    require_package(spec)
     originals = dict(quantizable_linears(model, skip))
     check_group_size(list(originals.items()), config.group_size)
     if spec.needs_calibration:
@@ -45,6 +51,7 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
         skip=skip,
         dtype=model.dtype,
         compute_dtype=config.compute_dtype,
+        float_zero_point=spec.float_zero_point,
     )
     for name, original in originals.items():
         module = model.get_submodule(name)
@@ -57,13 +64,15 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
     return _mark_quantized(model, config, skip)
 
 
-def _mark_quantized(model: nn.Module, config: PtqConfig | SmoothQuantConfig, skip: list[str]) -> nn.Module:
+def _mark_quantized(
+    model: nn.Module, config: PtqConfig | SmoothQuantConfig, skip: list[str], quantizer: HfQuantizer | None = None
+) -> nn.Module:
     """Attach the quantizer and config transformers expects on a quantized model (for save / reload / push)."""
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     from .formats.hub import attach_push_to_hub
 
-    quantizer = AUTO_QUANTIZER_MAPPING[config.quant_method](config, pre_quantized=False)
+    quantizer = quantizer or AUTO_QUANTIZER_MAPPING[config.quant_method](config, pre_quantized=False)
     quantizer.modules_to_not_convert = skip
     model.hf_quantizer = quantizer
     model.config.quantization_config = config

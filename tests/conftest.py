@@ -167,6 +167,17 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# accelerate device map of the tiny Llama with its second block offloaded to disk
+LLAMA_BLOCK1_ON_DISK = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
+
+
 def rtn_w4() -> hf_ptq.PtqConfig:
     return hf_ptq.PtqConfig(method="rtn", bits=4, group_size=32, sym=False)
 
@@ -234,9 +245,8 @@ def float_weight(module: torch.nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with SmolLM2's real tokenizer (for scripts that tokenize and generate)."""
+def save_tiny_llama_with_tokenizer(folder: Path, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
+    """Save a tiny random bf16 Llama (tied embeddings) with SmolLM2's real tokenizer into `folder`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_ptq.default_model import smollm2_checkpoint
@@ -244,15 +254,30 @@ def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-tokenizer")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with SmolLM2's real tokenizer (for scripts that tokenize and generate)."""
+    return save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-llama-tokenizer"))
+
+
+def assert_same_model(got: torch.nn.Module, expected: torch.nn.Module) -> None:
+    """Same state-dict keys, the same tensors bit for bit, and the same outputs."""
+    got_sd, expected_sd = got.state_dict(), expected.state_dict()
+    assert sorted(got_sd) == sorted(expected_sd)
+    for key, value in expected_sd.items():
+        assert got_sd[key].dtype == value.dtype and torch.equal(got_sd[key], value), key
+    ids = input_ids()
+    assert torch.equal(model_output(got, ids), model_output(expected, ids))

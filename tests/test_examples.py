@@ -25,3 +25,20 @@ def test_quantize_and_push_example(tiny_llama_with_tokenizer_dir, tmp_path, meth
     assert result["identical"]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_pipeline_and_training_example(tiny_llama_with_tokenizer_dir):
+    result = load_example("pipeline_and_training").main([str(tiny_llama_with_tokenizer_dir), "--group-size", "32"])
+    assert result["text"].startswith("The three primary colours are") and len(result["text"]) > 30
+    assert result["last_loss"] < 0.5 * result["first_loss"]  # the head learns on the frozen quantized features
+
+
+def test_compare_methods_example(tiny_llama_with_tokenizer_dir, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("Rain fell on the old stone bridge while the river carried leaves toward the sea. " * 10)
+    args = [str(tiny_llama_with_tokenizer_dir), "--methods", "rtn,int8", "--group-size", "32", "--data", str(text)]
+    comparison = load_example("compare_methods").main(
+        args + ["--max-length", "64", "--no-speed", "--out", str(tmp_path / "r")]
+    )
+    assert list(comparison.results) == ["rtn w4 g32 asym", "int8 w8 per-channel sym"]
+    assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "comparison.png").exists()

@@ -7,6 +7,7 @@ import os
 import resource
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -81,3 +82,50 @@ def linear_weight_bytes(sizes: dict[str, int], module_names: list[str]) -> int:
     """Bytes of every tensor stored under `<module>.` for the given module names (weights, scales, zeros, bias)."""
     prefixes = tuple(name + "." for name in module_names)
     return sum(size for name, size in sizes.items() if name.startswith(prefixes))
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes on disk of the `*.safetensors` files in `folder` (headers included)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def state_dict_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the tensors `save_pretrained` writes: the state dict, shared storage (tied weights) counted once."""
+    return tree_bytes(list(model.state_dict().values()))
+
+
+class PeakMemory:
+    """Peak memory used inside a `with` block, above the level at its start, in bytes (`.bytes`).
+
+    On a CUDA device: `torch.cuda.max_memory_allocated` over the block. On CPU: the process RSS, sampled every
+    `interval_s` by a background thread (torch releases the GIL in its kernels), so an earlier, higher peak of the
+    process does not hide this block's.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005) -> None:
+        self.device, self.interval_s, self.bytes = torch.device(device), interval_s, 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        self._start = self._peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, current_rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self._peak, current_rss_bytes()) - self._start
