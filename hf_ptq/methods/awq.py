@@ -46,7 +46,7 @@ class AWQStats(GPTQ):
         super().add_batch(x)
         if self._abs_sum is None:
             self._abs_sum = torch.zeros(self.in_features, dtype=torch.float32, device=self._sum.device)
-        self._abs_sum += x.to(self._abs_sum.device, torch.float32).abs().sum(0)
+        self._abs_sum += x.to(self._abs_sum.device).abs().sum(0, dtype=torch.float32)
 
     @property
     def mean_abs(self) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ import torch
 
 from ..core.clip_search import clipped_qparams
 from ..core.quant import QuantizedWeight, compute_qparams, qrange
+from ..kernels import cpu_has_fast_bf16
 from . import register_method
 
 if TYPE_CHECKING:
@@ -55,9 +56,16 @@ class GPTQ:
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         if x.shape[0] == 0:
             return
-        x = x.to(self._sum.device, torch.float32)
-        for a, b in self._tiles:
-            self._sum[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+        x = x.to(self._sum.device)
+        if x.dtype == torch.bfloat16 and (x.device.type == "cuda" or cpu_has_fast_bf16()):
+            # bf16 products are exact and accumulate in fp32 inside the matmul; only each batch's [in, in] sum is
+            # rounded to bf16 (relative 2^-9, unbiased, averaging out over batches): 3-4x faster than fp32 here
+            for a, b in self._tiles:
+                self._sum[a:b, a:] += (x[:, a:b].t() @ x[:, a:]).float()
+        else:
+            x = x.float()
+            for a, b in self._tiles:
+                self._sum[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
         self.rows += x.shape[0]
         self._hessian = None
 
