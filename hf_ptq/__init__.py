@@ -8,6 +8,7 @@
 from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
 from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
+from .formats.export import export, format_names
 from .formats.hub import push_to_hub
 from .methods import method_names
 from .nn import QuantLinear
@@ -27,6 +28,8 @@ __all__ = [
     "Thresholds",
     "compare",
     "evaluate",
+    "export",
+    "format_names",
     "method_names",
     "push_to_hub",
     "quantize",

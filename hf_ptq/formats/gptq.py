@@ -83,6 +83,12 @@ def gptq_tensors(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], int]:
     return tensors, clamped
 
 
+def _setting(cfg: Any, name: str, default: Any) -> Any:
+    """A GPTQ setting of the hf_ptq config, or GPTQ's default where the method has none (e.g. RTN)."""
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """config.json's `quantization_config` (also written as quantize_config.json, where older loaders look)."""
     from .. import __version__
@@ -97,9 +103,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         "group_size": group_size if group_size > 0 else -1,
         "desc_act": any(m.weight_g_idx is not None for _, m in layers),
         "sym": sym,
-        "static_groups": bool(getattr(cfg, "static_groups", False)),
-        "true_sequential": bool(getattr(cfg, "true_sequential", True)),
-        "damp_percent": getattr(cfg, "damp_percent", None) or 0.01,
+        "static_groups": _setting(cfg, "static_groups", False),
+        "true_sequential": _setting(cfg, "true_sequential", True),
+        "damp_percent": _setting(cfg, "damp_percent", 0.01),
         "lm_head": False,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"hf_ptq:{__version__}"]},
