@@ -38,7 +38,9 @@ CONFIGS = {
     "rtn-w4-channel-sym": lambda: PtqConfig(bits=4, group_size=-1, sym=True),
     "int8": lambda: PtqConfig(method="int8"),
     "rtn-w3-tensor-asym": lambda: PtqConfig(bits=3, group_size=0),
-    "rtn-w2-g32-sym-skip-down": lambda: PtqConfig(bits=2, group_size=32, sym=True, modules_to_not_convert=["down_proj"]),
+    "rtn-w2-g32-sym-skip-down": lambda: PtqConfig(
+        bits=2, group_size=32, sym=True, modules_to_not_convert=["down_proj"]
+    ),
     "gptq-act-order-sym": lambda: _gptq(sym=True),
 }
 ACT_ORDER = {"gptq-act-order-sym"}  # compressed-tensors 0.19 removed actorder="group" (weight_g_idx)
@@ -126,7 +128,9 @@ def test_tied_output_embedding_is_written_once(tiny_llama_with_tokenizer_dir: Pa
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_with_tokenizer_dir, quantization_config=PtqConfig(group_size=32))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_with_tokenizer_dir, quantization_config=PtqConfig(group_size=32)
+    )
     assert model.config.tie_word_embeddings
     folder = hf_ptq.export(model, tmp_path / "ct", format="compressed-tensors")
     written = load_file(folder / "model.safetensors")

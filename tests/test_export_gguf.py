@@ -64,7 +64,9 @@ def small_model_dir(tmp_path_factory) -> Path:
     bpe.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     bpe.train_from_iterator(TEXTS * 20, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>")
     config = LlamaConfig(
@@ -124,7 +126,9 @@ def test_transformers_reads_the_export(case, small_model_dir, tokenizer, tmp_pat
 
 def test_smollm2_tokenizer_and_metadata_round_trip(tiny_llama_with_tokenizer_dir, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer_dir)  # SmolLM2-135M-Instruct's
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_with_tokenizer_dir, quantization_config=PtqConfig(group_size=32))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_with_tokenizer_dir, quantization_config=PtqConfig(group_size=32)
+    )
     folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf")  # the tokenizer saved with the model
     path = gguf_file(folder)
     theirs = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
@@ -160,7 +164,9 @@ def test_other_llama_like_architectures(family, tokenizer, tmp_path) -> None:
         config.head_dim = 128  # transformers' GGUF reader builds Qwen3 with its default head_dim, 128
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "float")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=PtqConfig(group_size=32, sym=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=PtqConfig(group_size=32, sym=True)
+    )
     folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file(folder).name)
     reference = dequantized_reference(model, tmp_path / "float")

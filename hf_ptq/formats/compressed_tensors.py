@@ -44,7 +44,9 @@ def _scheme(model: nn.Module) -> tuple[int, int, bool, bool]:
     layers = quantized_layers(model, FORMAT)
     schemes = {(m.bits, m.group_size, m.sym, m.weight_g_idx is not None) for _, m in layers}
     if len(schemes) != 1:
-        raise ValueError(f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)}")
+        raise ValueError(
+            f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)}"
+        )
     bits, group_size, sym, act_order = scheme = schemes.pop()
     if act_order and not sym:
         raise ValueError(

@@ -50,14 +50,14 @@ def export_format(
 
 def format_names() -> list[str]:
     _load_builtin()
-    return list(FORMATS)
+    return sorted(FORMATS)
 
 
 def format_spec(name: str) -> ExportFormat:
     """The registered format `name`; ValueError listing the formats otherwise."""
     _load_builtin()
     if name not in FORMATS:
-        listed = "; ".join(f"{n!r} ({f.summary})" for n, f in FORMATS.items())
+        listed = "; ".join(f"{n!r} ({FORMATS[n].summary})" for n in format_names())
         raise ValueError(f"export format={name!r} is unknown. Supported formats: {listed}.")
     return FORMATS[name]
 
@@ -77,27 +77,16 @@ def export(
     checkpoint: gptqmodel, vLLM, transformers' GPTQ integration) and `"gguf"` (llama.cpp, transformers'
     `gguf_file=`; option `gguf_type="auto" | "q8_0" | "q4_0" | "q4_1"`). See docs/export.md.
 
-    `tokenizer` (default: the one saved with the model, when there is one) is written with the model; GGUF needs
-    it. Unsupported combinations raise ValueError before anything is written; the output is staged and renamed
+    `tokenizer` (a tokenizer or its name / folder; default: the one saved with the model, when there is one) is
+    written with the model; GGUF needs it. Unsupported combinations raise ValueError before anything is written; the output is staged and renamed
     into place when complete, so an error leaves `out_dir` as it was (replaced only with `overwrite=True`).
     Returns `out_dir` as a Path.
     """
-    spec = format_spec(format)
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        allowed = ", ".join(spec.options) or "none"
-        raise ValueError(f"export(format={format!r}) got unknown option(s) {unknown}; its options: {allowed}.")
+    format_spec(format)  # an unknown format fails before a model is loaded
     target = check_output_folder(out_dir, overwrite, "out_dir")
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = _load(model, tokenizer)
-    elif tokenizer is None:
-        tokenizer = _saved_tokenizer(getattr(model, "name_or_path", None))
-    if spec.needs_tokenizer and tokenizer is None:
-        raise ValueError(
-            f"export(format={format!r}) writes the tokenizer into the file and found none saved with the model: "
-            "pass tokenizer=AutoTokenizer.from_pretrained(...) (CLI: --tokenizer)."
-        )
-    spec.check(model, tokenizer, **options)
+    spec, tokenizer = check_export(model, format, tokenizer, **options)
     with staged_folder(target, overwrite) as staging:
         spec.write(model, staging, tokenizer, **options)
         if tokenizer is not None and not spec.needs_tokenizer:
@@ -106,15 +95,38 @@ def export(
     return target
 
 
+def check_export(model: nn.Module, format: str, tokenizer: Any = None, **options: Any) -> tuple[ExportFormat, Any]:
+    """Everything `export` checks before writing: the format, its options, the tokenizer (default: the one saved
+    with the model) and whether the model can be written. Returns the format and the tokenizer to write."""
+    spec = format_spec(format)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(spec.options) or "none"
+        raise ValueError(f"export(format={format!r}) got unknown option(s) {unknown}; its options: {allowed}.")
+    if tokenizer is None:
+        tokenizer = saved_tokenizer(getattr(model, "name_or_path", None))
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if spec.needs_tokenizer and tokenizer is None:
+        raise ValueError(
+            f"export(format={format!r}) writes the tokenizer into the file and found none saved with the model: "
+            "pass tokenizer=AutoTokenizer.from_pretrained(...) (CLI: --tokenizer)."
+        )
+    spec.check(model, tokenizer, **options)
+    return spec, tokenizer
+
+
 def _load(path: str | os.PathLike, tokenizer: Any) -> tuple[nn.Module, Any]:
     """Load a saved hf_ptq model folder (or Hub id) and, unless given, its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
-    return model, tokenizer if tokenizer is not None else _saved_tokenizer(path)
+    return model, tokenizer if tokenizer is not None else saved_tokenizer(path)
 
 
-def _saved_tokenizer(path: str | os.PathLike | None) -> Any:
+def saved_tokenizer(path: str | os.PathLike | None) -> Any:
     """The tokenizer saved in folder `path`, or None when there is none."""
     if not path or not (Path(path) / "tokenizer_config.json").exists():
         return None

@@ -36,7 +36,12 @@ FORMAT = "gguf"
 GGUF_TYPES = ("auto", "q8_0", "q4_0", "q4_1")
 BLOCK = 32  # inputs per GGUF block (Q8_0, Q4_0, Q4_1)
 # model_type -> (llama.cpp architecture, whether q/k rows are permuted to llama.cpp's rotary layout)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+}
 
 
 def _gguf():
@@ -114,7 +119,9 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto") -> GgufPlan:
                 f"{BLOCK} (GGUF's block size)."
             )
         if layer.bits > _type_bits(qtype):
-            raise ValueError(f"export(format='gguf'): layer {name!r} has {layer.bits}-bit weights, more than {qtype.name}")
+            raise ValueError(
+                f"export(format='gguf'): layer {name!r} has {layer.bits}-bit weights, more than {qtype.name}"
+            )
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     skip = {key for key in _output_keys(model)} if tied_output_embedding(model) else set()
     tensors = []

@@ -120,7 +120,9 @@ def check(model: nn.Module, tokenizer: Any = None) -> None:
     layers = quantized_layers(model, FORMAT)
     schemes = {(m.bits, m.group_size, m.sym) for _, m in layers}
     if len(schemes) != 1:
-        raise ValueError(f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)}")
+        raise ValueError(
+            f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)}"
+        )
     bits = layers[0][1].bits
     per_word = 32 if bits == 3 else 32 // bits  # 3-bit values fill whole words only in runs of 32
     for name, layer in layers:

@@ -17,8 +17,8 @@ def quantized_layers(model: nn.Module, format_name: str) -> list[tuple[str, Quan
     if not layers:
         raise ValueError(
             f"export(format={format_name!r}) takes a model quantized by hf_ptq (with hf_ptq.PtqConfig); this model "
-            "has no hf_ptq quantized layers. Quantize it first: from_pretrained(..., quantization_config=PtqConfig(...))"
-            " or hf_ptq.quantize(model, config)."
+            "has no hf_ptq quantized layers. Quantize it first: from_pretrained(..., "
+            "quantization_config=PtqConfig(...)) or hf_ptq.quantize(model, config)."
         )
     transposed = [n for n, m in layers if m.transposed_source]
     if transposed:
