@@ -38,11 +38,12 @@ CONTENDED = 0.25  # cores used by other processes above which a timing round is 
 @dataclass(frozen=True)
 class Method:
     label: str
-    hf_ptq: bool  # an hf_ptq row (the acceptance targets apply)
+    hf_ptq: bool  # an hf_ptq row on hf_ptq's own kernels (the acceptance targets apply)
     calibrated: bool = False  # quantizes with the protocol's calibration data
     external: str | None = None  # run by another library's worker in its own virtualenv (llm-compressor)
     baseline: str | None = None  # the llm-compressor row this calibrated row is timed against
     time_target: float = 0.5  # load+quantize time / the baseline's, at most
+    same_as: str | None = None  # a row computing the same model through the library directly (ppl ratio ~ 1)
 
 
 METHODS = {
@@ -56,6 +57,10 @@ METHODS = {
     "llmc-awq": Method("llm-compressor awq w4 g64", False, calibrated=True, external="awq"),
     "bnb-nf4": Method("bnb nf4", False),
     "bnb-int8": Method("bnb int8", False),
+    "hf-nf4": Method("hf_ptq nf4 g64 (bitsandbytes)", False, same_as="bnb-nf4"),
+    "hf-llm_int8": Method("hf_ptq llm_int8 (bitsandbytes)", False, same_as="bnb-int8"),
+    "hf-hqq": Method("hf_ptq hqq w4 g64", True, same_as="hqq-lib"),
+    "hqq-lib": Method("hqq HQQLinear w4 g64 (hqq package)", False),
 }
 DEFAULT_METHODS = [m for m in METHODS if not METHODS[m].external]  # llm-compressor runs with --llmc-python
 
@@ -87,7 +92,24 @@ def quantization_config(method: str, calibration=None):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         ),
         "bnb-int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+        "hf-nf4": lambda: hf_ptq.PtqConfig(method="nf4", group_size=64),
+        "hf-llm_int8": lambda: hf_ptq.PtqConfig(method="llm_int8"),
+        "hf-hqq": lambda: hf_ptq.PtqConfig(method="hqq", bits=4, group_size=64),
+        "hqq-lib": lambda: None,  # quantized after loading by `hqq_library_quantize`
     }[method]()
+
+
+def hqq_library_quantize(model) -> None:
+    """The hqq package's own path (its `HQQLinear`, default settings, bf16 compute) on every decoder Linear: what
+    transformers' `HqqConfig` did before transformers 5 dropped it; the reference for the hf_ptq hqq row."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    quant_config = BaseQuantizeConfig(nbits=4, group_size=64)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            layer = HQQLinear(module, quant_config, compute_dtype=torch.bfloat16, device="cpu", del_orig=True)
+            model.model.layers.set_submodule(name, layer)
 
 
 def write_calibration(args: argparse.Namespace, path: Path) -> None:
@@ -140,12 +162,16 @@ def run_worker(method: str, args: argparse.Namespace) -> dict:
     res["rss_before"], res["peak_before"] = ev.current_rss_bytes(), ev.peak_rss_bytes()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    if method == "hqq-lib":
+        hqq_library_quantize(model)
     res["load_s"] = time.perf_counter() - start
     res["peak_load"], res["rss_loaded"] = ev.peak_rss_bytes(), ev.current_rss_bytes()
     res["model_bytes"] = ev.model_bytes(model)
 
     # 2. checkpoint size on disk; Linear bytes against the bf16 checkpoint's
-    if not args.speed_only:
+    if method == "hqq-lib":  # transformers 5 cannot reload HQQLinear checkpoints (HqqConfig is not available)
+        res["errors"]["save"] = "not saved: transformers 5 cannot reload it"
+    elif not args.speed_only:
         try:
             with tempfile.TemporaryDirectory(prefix="bench-save-") as tmp:
                 save_dir = Path(args.save_dir or tmp)  # the parent keeps it for the kernel sweep
@@ -231,7 +257,7 @@ def measure_speed(model, prefill_ids, prompt, args: argparse.Namespace) -> dict:
 
 
 def _is_linear_like(module) -> bool:
-    """nn.Linear, its bitsandbytes subclasses, and hf_ptq's QuantLinear (duck-typed: in/out_features)."""
+    """nn.Linear, its bitsandbytes subclasses, hf_ptq's QuantLinear and HQQLinear (duck-typed: in/out_features)."""
     return hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
 
 
@@ -366,6 +392,10 @@ def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, b
         x, y = results.get(a, {}).get(key), results.get(b, {}).get(key)
         return x / y if x is not None and y else None
 
+    for m in (m for m in results if METHODS[m].same_as in results):
+        label, ref = METHODS[m].label, METHODS[METHODS[m].same_as].label
+        r = ratio(m, METHODS[m].same_as, "ppl")  # the same quantization: equal up to rounding of stored scales
+        checks.append((f"perplexity {label} / {ref}", r, "<= 1.01", _le(r, 1.01)))
     for m in (m for m in results if METHODS[m].hf_ptq):
         label, res = METHODS[m].label, results[m]
         if METHODS[m].calibrated:

@@ -8,7 +8,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .calibration.data import calibration_batches
 from .config import PtqConfig
-from .methods import method_spec
+from .methods import method_spec, require_package
 from .nn import QuantLinear, quantizable_linears
 from .nn.replace import check_group_size, replace_linears
 from .pipeline import calibrate_and_quantize
@@ -22,12 +22,17 @@ def quantize(model: nn.Module, config: PtqConfig, tokenizer=None) -> nn.Module:
     `tokenizer` (default: `config.tokenizer`, else the tokenizer of the model's repo). The result saves with
     `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
     """
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("quantize(): this model is already quantized by hf_ptq.")
+    if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("quantize(): this model is already quantized.")
     spec = method_spec(config.method)
     skip = HfQuantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
     )
+    if spec.backend == "bitsandbytes":
+        from .quantizer.bnb import quantize_loaded_model
+
+        return _mark_quantized(model, config, skip, quantize_loaded_model(model, config, skip))
+    require_package(spec)
     originals = dict(quantizable_linears(model, skip))
     check_group_size(list(originals.items()), config.group_size)
     if spec.needs_calibration:
@@ -44,6 +49,7 @@ def quantize(model: nn.Module, config: PtqConfig, tokenizer=None) -> nn.Module:
         skip=skip,
         dtype=model.dtype,
         compute_dtype=config.compute_dtype,
+        float_zero_point=spec.float_zero_point,
     )
     for name, original in originals.items():
         module = model.get_submodule(name)
@@ -56,12 +62,14 @@ def quantize(model: nn.Module, config: PtqConfig, tokenizer=None) -> nn.Module:
     return _mark_quantized(model, config, skip)
 
 
-def _mark_quantized(model: nn.Module, config: PtqConfig, skip: list[str]) -> nn.Module:
+def _mark_quantized(
+    model: nn.Module, config: PtqConfig, skip: list[str], quantizer: HfQuantizer | None = None
+) -> nn.Module:
     """Attach the quantizer and config transformers expects on a quantized model (for save / reload / push)."""
     from .formats.hub import attach_push_to_hub
     from .quantizer import PtqHfQuantizer
 
-    quantizer = PtqHfQuantizer(config, pre_quantized=False)
+    quantizer = quantizer or PtqHfQuantizer(config, pre_quantized=False)
     quantizer.modules_to_not_convert = skip
     model.hf_quantizer = quantizer
     model.config.quantization_config = config

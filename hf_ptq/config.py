@@ -10,13 +10,19 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .auto_method import DEPLOY_TARGETS, PREFERENCES, choose_method
 from .calibration.describe import describe_dataset
 from .methods import method_names, method_spec
 from .methods.gptq import stores_g_idx
 
+logger = logging.get_logger("hf_ptq")
+
 QUANT_METHOD = "hf_ptq"
+AUTO = "auto"
 
 _ALLOWED_BITS = (2, 3, 4, 8)
 _COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -46,6 +52,24 @@ _METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "clip": (True, _is_bool, "True or False"),
     "duo_scaling": (True, _is_bool, "True or False"),
     "grid": (20, _is_positive_int, "a positive integer (AWQ scale candidates, e.g. 20)"),
+    "double_quant": (False, _is_bool, "True or False"),
+    "outlier_threshold": (
+        6.0,
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+        "a positive number (input features with a larger magnitude are multiplied in 16-bit; default 6.0)",
+    ),
+}
+
+# Inputs of `method="auto"` (see `hf_ptq.auto_method`): default, check, allowed values. Consumed when the method is
+# chosen, then recorded in `auto_choice`; any other method rejects them.
+_AUTO_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "finetune": (False, _is_bool, "True or False"),
+    "prefer": ("accuracy", lambda v: v in PREFERENCES, "one of " + ", ".join(map(repr, PREFERENCES))),
+    "deploy": (
+        None,
+        lambda v: v is None or v in DEPLOY_TARGETS,
+        "None or one of " + ", ".join(map(repr, DEPLOY_TARGETS)),
+    ),
 }
 
 
@@ -57,10 +81,12 @@ class PtqConfig(QuantizationConfigMixin):
     """Weight quantization config for `AutoModel*.from_pretrained(..., quantization_config=PtqConfig(...))`.
 
     Args:
-        method: algorithm name; see `hf_ptq.methods.method_names()` (`"rtn"`, `"int8"`, ...).
-        bits: weight bit width, one of 2, 3, 4, 8 (default 4; `int8` always uses 8).
+        method: algorithm name; see `hf_ptq.methods.method_names()` (`"rtn"`, `"int8"`, `"gptq"`, `"hqq"`, `"nf4"`,
+            `"fp4"`, `"llm_int8"`, ...), or `"auto"` to let the decision tree of `hf_ptq.auto_method` choose.
+        bits: weight bit width, one of 2, 3, 4, 8 (default 4; `int8` and `llm_int8` always use 8, `nf4` / `fp4` 4).
         group_size: input channels sharing one scale: a positive divisor of every quantized layer's
-            in_features, `-1` for one scale per output channel, `0` for one scale per tensor (default 128).
+            in_features, `-1` for one scale per output channel, `0` for one scale per tensor (default 128; 64 for
+            `hqq`, `nf4` and `fp4`, whose block size is one of 32, 64, ..., 4096).
         sym: symmetric (no zero point) when True, asymmetric (scale and zero point) when False (default).
         modules_to_not_convert: module names (or suffixes / regexes, as transformers matches them) kept in
             full precision; the output embedding is always kept.
@@ -74,7 +100,13 @@ class PtqConfig(QuantizationConfigMixin):
         clip, true_sequential: range search and stage-by-stage calibration, for `gptq` and `awq`.
         compute_dtype: dtype of the quantized matmuls: `"auto"` (on CPU: the packed kernels in bf16, the dequantize
             path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
-            docs/kernels.md) or `"bfloat16"` / `"float16"` / `"float32"`.
+            docs/kernels.md) or `"bfloat16"` / `"float16"` / `"float32"`. For `nf4` / `fp4` it is bitsandbytes'
+            `bnb_4bit_compute_dtype` (`"auto"`: the model's dtype).
+        double_quant: `nf4` / `fp4` only: quantize the block scales too (QLoRA's double quantization; default False).
+        outlier_threshold: `llm_int8` only: LLM.int8()'s outlier threshold (bitsandbytes' `llm_int8_threshold`,
+            default 6.0).
+        finetune, prefer, deploy: `method="auto"` only: the model will be fine-tuned (default False); `"accuracy"`
+            (default) or `"latency"`; deployment target `"cpu"`, `"gpu"` or None (unknown). See docs/backends.md.
     """
 
     def __init__(
@@ -98,6 +130,11 @@ class PtqConfig(QuantizationConfigMixin):
         clip: bool | None = None,
         duo_scaling: bool | None = None,
         grid: int | None = None,
+        double_quant: bool | None = None,
+        outlier_threshold: float | None = None,
+        finetune: bool | None = None,
+        prefer: str | None = None,
+        deploy: str | None = None,
         quant_method: str = QUANT_METHOD,
         **saved: Any,
     ) -> None:
@@ -123,32 +160,74 @@ class PtqConfig(QuantizationConfigMixin):
         self.clip = clip
         self.duo_scaling = duo_scaling
         self.grid = grid
-        # Keys written by `to_dict` that are not constructor arguments (dataset description, version).
+        self.double_quant = double_quant
+        self.outlier_threshold = outlier_threshold
+        self.finetune = finetune
+        self.prefer = prefer
+        self.deploy = deploy
+        # Keys written by `to_dict` that are not constructor arguments (dataset description, auto choice, version).
         self.dataset_description = saved.pop("dataset_description", None)
+        self.auto_choice = saved.pop("auto_choice", None)
         self.format_version = saved.pop("format_version", 1)
         if saved:
             raise ValueError(
                 f"PtqConfig got unknown field(s) {sorted(saved)}; known fields: "
                 "method, bits, group_size, sym, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, "
-                "compute_dtype, tokenizer, " + ", ".join(_METHOD_FIELDS) + "."
+                "compute_dtype, tokenizer, " + ", ".join([*_METHOD_FIELDS, *_AUTO_FIELDS]) + "."
             )
         self.post_init()
+
+    def _resolve_auto(self, names: list[str]) -> None:
+        """`method="auto"`: validate its inputs, choose the method, log and record the choice."""
+        inputs = {}
+        for field, (default, check, allowed) in _AUTO_FIELDS.items():
+            value = getattr(self, field)
+            value = default if value is None else value
+            if not check(value):
+                raise _fail(field, value, allowed)
+            inputs[field] = value
+            setattr(self, field, None)  # consumed: the saved config records them in `auto_choice`
+        inputs["calibration_data"] = self.dataset is not None
+        inputs["cuda"] = torch.cuda.is_available()
+        choice = choose_method(**inputs)
+        if choice.method not in names:
+            raise ValueError(
+                f"PtqConfig(method='auto') chose method={choice.method!r} ({choice.reason}), which this version of "
+                f"hf_ptq does not have; choose one of {', '.join(map(repr, names))} explicitly."
+            )
+        self.method = choice.method
+        self.auto_choice = {"method": choice.method, "reason": choice.reason, "inputs": inputs}
+        logger.warning(f"hf_ptq: method='auto' chose method={choice.method!r}: {choice.reason}.")
+
+    def _auto_note(self) -> str:
+        """For errors about a method that `method="auto"` chose: which inputs made the choice."""
+        if not self.auto_choice:
+            return ""
+        return f" (method={self.method!r} was chosen by method='auto': {self.auto_choice['reason']})"
 
     def post_init(self) -> None:
         """Validate every field; normalise method-forced values (e.g. `int8` is 8-bit symmetric per-channel)."""
         names = method_names()
+        if self.method == AUTO:
+            self._resolve_auto(names)
         if not isinstance(self.method, str) or self.method not in names:
-            raise _fail("method", self.method, "one of " + ", ".join(repr(n) for n in names))
+            raise _fail("method", self.method, "one of " + ", ".join(repr(n) for n in [*names, AUTO]))
+        for field in _AUTO_FIELDS:
+            if getattr(self, field) is not None:
+                raise ValueError(
+                    f"PtqConfig.{field}={getattr(self, field)!r} does not apply to method={self.method!r}; it is an "
+                    f"input of method='auto'. Drop {field} or use method='auto'."
+                )
         spec = method_spec(self.method)
         for field, forced in spec.forced_fields.items():
             value = getattr(self, field)
             if value is not None and value != forced:
                 raise ValueError(
                     f"PtqConfig.{field}={value!r} does not apply to method={self.method!r}, which always uses "
-                    f"{field}={forced!r} ({spec.summary}); drop {field} or choose method='rtn'."
+                    f"{field}={forced!r} ({spec.summary}); drop {field} or choose method='rtn'.{self._auto_note()}"
                 )
             setattr(self, field, forced)
-        for field, default in _DEFAULTS.items():
+        for field, default in (_DEFAULTS | spec.defaults).items():
             if getattr(self, field) is None:
                 setattr(self, field, default)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _ALLOWED_BITS:
@@ -187,6 +266,11 @@ class PtqConfig(QuantizationConfigMixin):
             raise _fail("tokenizer", tok, "a tokenizer, a tokenizer name or folder, or None (the model's own)")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
+        if spec.check is not None:
+            try:
+                spec.check(self)
+            except ValueError as exc:
+                raise ValueError(f"{exc}{self._auto_note()}") from None
         if self.dataset is not None:
             self.dataset_description = describe_dataset(self.dataset)
         elif spec.needs_calibration and self.dataset_description is None:
@@ -217,4 +301,6 @@ class PtqConfig(QuantizationConfigMixin):
         text = f"{self.method} w{self.bits} {gran} {'sym' if self.sym else 'asym'}"
         if self.desc_act:
             text += " act-order" + (" static-groups" if self.static_groups else "")
+        if self.double_quant:
+            text += " double-quant"
         return text

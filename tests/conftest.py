@@ -260,3 +260,13 @@ def save_tiny_llama_with_tokenizer(folder: Path, hidden: int = HIDDEN, intermedi
 def tiny_llama_with_tokenizer_dir(tmp_path_factory) -> Path:
     """A tiny random Llama saved with SmolLM2's real tokenizer (for scripts that tokenize and generate)."""
     return save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-llama-tokenizer"))
+
+
+def assert_same_model(got: torch.nn.Module, expected: torch.nn.Module) -> None:
+    """Same state-dict keys, the same tensors bit for bit, and the same outputs."""
+    got_sd, expected_sd = got.state_dict(), expected.state_dict()
+    assert sorted(got_sd) == sorted(expected_sd)
+    for key, value in expected_sd.items():
+        assert got_sd[key].dtype == value.dtype and torch.equal(got_sd[key], value), key
+    ids = input_ids()
+    assert torch.equal(model_output(got, ids), model_output(expected, ids))

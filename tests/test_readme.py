@@ -52,3 +52,17 @@ def test_readme_compare_example_runs(tmp_path, monkeypatch, capsys):
     ]
     int8 = namespace["result"]
     assert int8.top1_agreement > 0.9 and int8.ppl_increase < 0.05 and 1.5 < int8.compression_ratio < 1.8
+
+
+def test_configuration_table_matches_the_code() -> None:
+    """Every method and every PtqConfig argument appears in the README's configuration table."""
+    import inspect
+
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    method_row = next(row for row in rows if row.startswith("| `method` |"))
+    for name in [*hf_ptq.method_names(), "auto"]:
+        assert f'`"{name}"`' in method_row, name
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row.split(" | ")[0])}
+    arguments = set(inspect.signature(hf_ptq.PtqConfig).parameters) - {"quant_method", "saved"}
+    assert arguments <= documented, arguments - documented

@@ -20,7 +20,8 @@ class QuantizedWeight:
     Attributes:
         q: int8 [out, in], signed integers.
         scale: float [out, groups] (per-group/per-channel) or [1] (per-tensor).
-        zero_point: int8 of the same shape as `scale`, or None when symmetric.
+        zero_point: int8 of the same shape as `scale`, or None when symmetric; float for methods that optimize
+            zero points off the integer grid (HQQ).
         bits, group_size: as in `PtqConfig`.
         g_idx: int32 [in] group of each input channel when channels were reordered (act-order), else None.
     """

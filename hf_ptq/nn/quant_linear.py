@@ -4,7 +4,8 @@ Buffers carry the checkpoint names of compressed-tensors' `pack-quantized` forma
 on-disk layout and safetensors round-trips with no converter:
     weight_packed      int32 [out, ceil(in*bits/32)]
     weight_scale       [out, groups] (per-group / per-channel) or [1] (per-tensor), in the model's dtype
-    weight_zero_point  asymmetric only: int32 [ceil(out*bits/32), groups] packed along dim 0, or int8 [1]
+    weight_zero_point  asymmetric only: int32 [ceil(out*bits/32), groups] packed along dim 0, or int8 [1];
+                       float zero points (HQQ): [out, groups] in the model's dtype, unpacked
     weight_shape       int64 [2] = (out, in)
     weight_g_idx       int32 [in], only with act-order
 Forward picks a kernel per call (see `hf_ptq.kernels`); the layout a kernel needs is built on first use and
@@ -52,10 +53,12 @@ class QuantLinear(nn.Module):
         act_order: bool = False,
         compute_dtype: str = "auto",
         device: torch.device | str | None = None,
+        float_zero_point: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.float_zero_point = float_zero_point and not sym
         self.compute_dtype = compute_dtype
         groups = {0: 0, -1: 1}.get(group_size, in_features // max(group_size, 1))
         scale_shape = (1,) if group_size == 0 else (out_features, groups)
@@ -64,7 +67,9 @@ class QuantLinear(nn.Module):
             "weight_packed", torch.empty(out_features, packed_width(in_features, bits), dtype=torch.int32, **kw)
         )
         self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=dtype, **kw))
-        if not sym:
+        if self.float_zero_point:
+            self.register_buffer("weight_zero_point", torch.empty(scale_shape, dtype=dtype, **kw))
+        elif not sym:
             zp_shape = (1,) if group_size == 0 else (packed_width(out_features, bits), groups)
             zp_dtype = torch.int8 if group_size == 0 else torch.int32
             self.register_buffer("weight_zero_point", torch.empty(zp_shape, dtype=zp_dtype, **kw))
@@ -90,9 +95,7 @@ class QuantLinear(nn.Module):
         self.weight_packed = pack_int32(qw.q, self.bits, dim=1)
         self.weight_scale = qw.scale.to(self.weight_scale.dtype)
         if not self.sym:
-            self.weight_zero_point = (
-                qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
-            )
+            self.weight_zero_point = self._stored_zero_point(qw.zero_point)
         if self.weight_g_idx is not None:
             self.weight_g_idx = qw.g_idx.to(torch.int32)
         self.invalidate_caches()
@@ -127,12 +130,21 @@ class QuantLinear(nn.Module):
             "weight_shape": torch.tensor([self.out_features, self.in_features], dtype=torch.int64),
         }
         if not self.sym:
-            out["weight_zero_point"] = (
-                qw.zero_point if self.group_size == 0 else pack_int32(qw.zero_point, self.bits, dim=0)
-            )
+            out["weight_zero_point"] = self._stored_zero_point(qw.zero_point)
         if self.weight_g_idx is not None:
             out["weight_g_idx"] = qw.g_idx.to(torch.int32)
         return {prefix + k: v for k, v in out.items()}
+
+    def _stored_zero_point(self, zero_point: torch.Tensor) -> torch.Tensor:
+        """The `weight_zero_point` buffer for zero points [out, groups] (or [1] per-tensor): floats as they are, in
+        the scale's dtype; integers packed along dim 0 (per-tensor: the int8 itself)."""
+        if self.float_zero_point:
+            if not zero_point.is_floating_point():
+                raise ValueError("this QuantLinear stores float zero points; got integer ones")
+            return zero_point.to(self.weight_scale.dtype)
+        if zero_point.is_floating_point():
+            raise ValueError("float zero points need QuantLinear(float_zero_point=True)")
+        return zero_point if self.group_size == 0 else pack_int32(zero_point, self.bits, dim=0)
 
     # --- unpacking -----------------------------------------------------------------------------------------
     def quantized_weight(self) -> QuantizedWeight:
@@ -141,7 +153,7 @@ class QuantLinear(nn.Module):
         zp = None
         if not self.sym:
             zp = self.weight_zero_point
-            if self.group_size != 0:
+            if self.group_size != 0 and not self.float_zero_point:
                 zp = unpack_int32(zp, self.bits, self.out_features, dim=0)
         return QuantizedWeight(q, self.weight_scale, zp, self.bits, self.group_size, self.weight_g_idx)
 
@@ -289,6 +301,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {gran}, "
             f"sym={self.sym}, bias={self.bias is not None}, act_order={self.weight_g_idx is not None}"
+            + (", float_zero_point=True" if self.float_zero_point else "")
         )
 
 

@@ -47,6 +47,7 @@ def filled_quant_linear(
         act_order=qw.g_idx is not None,
         compute_dtype=compute_dtype,
         device=device,
+        float_zero_point=qw.zero_point is not None and qw.zero_point.is_floating_point(),
     )
     new.transposed_source = isinstance(module, Conv1D)
     new.set_quantized(qw)
@@ -89,6 +90,7 @@ def replace_linears(
     compute_dtype: str = "auto",
     act_order: bool = False,
     expect_float_weight: bool = False,
+    float_zero_point: bool = False,
 ) -> list[str]:
     """Swap target Linears for empty `QuantLinear`s on the meta device; returns the swapped names.
 
@@ -110,6 +112,7 @@ def replace_linears(
                 dtype=dtype,
                 act_order=act_order,
                 compute_dtype=compute_dtype,
+                float_zero_point=float_zero_point,
             )
             new.transposed_source = isinstance(module, Conv1D)
             if expect_float_weight:

@@ -10,7 +10,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
 from ..calibration.data import calibration_batches
-from ..methods import method_spec
+from ..methods import method_spec, require_package
 from ..nn import QuantLinear, quantizable_linears, replace_linears
 from ..nn.replace import check_group_size
 from ..pipeline import calibrate_and_quantize
@@ -29,6 +29,23 @@ class PtqHfQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: PtqConfig
+
+    def __new__(cls, quantization_config: PtqConfig | None = None, **kwargs):
+        """transformers maps one quant_method ("hf_ptq") to one class: methods whose weights live in another library's
+        modules get that backend's subclass here (bitsandbytes: `hf_ptq.quantizer.bnb.BnbHfQuantizer`). Without a
+        config (`copy.deepcopy`), the class stays as it is."""
+        backend = None if quantization_config is None else method_spec(quantization_config.method).backend
+        if cls is PtqHfQuantizer and backend == "bitsandbytes":
+            from .bnb import BnbHfQuantizer
+
+            cls = BnbHfQuantizer
+        return super().__new__(cls)
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        """Quantizing with a wrapped method needs its package (ImportError naming the extra), before any weight is
+        read; reloading hf_ptq's packed format needs nothing more."""
+        if not self.pre_quantized:
+            require_package(method_spec(self.quantization_config.method))
 
     @property
     def calibrating(self) -> bool:
@@ -68,6 +85,7 @@ class PtqHfQuantizer(HfQuantizer):
                 compute_dtype=cfg.compute_dtype,
                 act_order=self.pre_quantized and cfg.act_order_modules,
                 expect_float_weight=not self.pre_quantized,
+                float_zero_point=method_spec(cfg.method).float_zero_point,
             )
         if not names:
             logger.warning("hf_ptq: no Linear layer to quantize was found; the model is left in full precision.")
