@@ -100,3 +100,17 @@ def test_push_to_hub_refuses_before_creating_the_repo(hub) -> None:  # noqa: F81
     with pytest.raises(ValueError, match="found none saved with the model"):
         model.push_to_hub("me/x", format="gguf")
     assert hub.repos == [] and hub.commits == []
+
+
+def test_layers_the_formats_cannot_hold_are_refused(tmp_path: Path) -> None:
+    hqq = hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(method="hqq", bits=4, group_size=32))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ValueError, match=f"float zero points .HQQ., and {fmt} stores integer zero points only"):
+            hf_ptq.export(hqq, tmp_path / "out", format=fmt)
+    nf4 = AutoModelForCausalLM.from_pretrained(
+        FAMILIES["llama"].build().save_pretrained(tmp_path / "f") or tmp_path / "f",
+        quantization_config=PtqConfig(method="nf4"),
+    )
+    with pytest.raises(ValueError, match="method='nf4' keeps its weights in the bitsandbytes package's modules"):
+        hf_ptq.export(nf4, tmp_path / "out", format="compressed-tensors")
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ CASES = {
     "w4-channel-asym-to-q8_0": (lambda: PtqConfig(bits=4, group_size=-1), "q8_0", "Q8_0", True),
     "w3-g32-asym": (lambda: PtqConfig(bits=3, group_size=32), "auto", "Q4_1", True),
     "w4-g32-asym-to-q4_0": (lambda: PtqConfig(bits=4, group_size=32), "q4_0", "Q4_0", False),
+    "hqq-w4-g64": (lambda: PtqConfig(method="hqq", bits=4, group_size=64), "auto", "Q4_1", True),  # float zeros
 }
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import write_checkpoint
 from .export import export_format
-from .layers import float_linears, quantized_layers
+from .layers import float_linears, quantized_layers, refuse_float_zero_points
 
 FORMAT = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -42,6 +42,7 @@ def weight_args(bits: int, group_size: int, sym: bool, act_order: bool) -> dict[
 def _scheme(model: nn.Module) -> tuple[int, int, bool, bool]:
     """(bits, group_size, sym, act_order) shared by every quantized layer; ValueError when it cannot be exported."""
     layers = quantized_layers(model, FORMAT)
+    refuse_float_zero_points(layers, FORMAT)
     schemes = {(m.bits, m.group_size, m.sym, m.weight_g_idx is not None) for _, m in layers}
     if len(schemes) != 1:
         raise ValueError(

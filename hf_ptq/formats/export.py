@@ -78,9 +78,9 @@ def export(
     `gguf_file=`; option `gguf_type="auto" | "q8_0" | "q4_0" | "q4_1"`). See docs/export.md.
 
     `tokenizer` (a tokenizer or its name / folder; default: the one saved with the model, when there is one) is
-    written with the model; GGUF needs it. Unsupported combinations raise ValueError before anything is written; the output is staged and renamed
-    into place when complete, so an error leaves `out_dir` as it was (replaced only with `overwrite=True`).
-    Returns `out_dir` as a Path.
+    written with the model; GGUF needs it. Unsupported combinations raise ValueError before anything is written;
+    the output is staged and renamed into place when complete, so an error leaves `out_dir` as it was (replaced
+    only with `overwrite=True`). Returns `out_dir` as a Path.
     """
     format_spec(format)  # an unknown format fails before a model is loaded
     target = check_output_folder(out_dir, overwrite, "out_dir")

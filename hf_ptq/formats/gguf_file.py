@@ -67,14 +67,15 @@ class GgufPlan:
         return f"model-{self.qtype.name}.gguf"
 
 
-def _target_type(gguf_type: str, bits: int, sym: bool):
-    """The GGUF type for `gguf_type` ("auto": the smallest type holding the model's integers exactly)."""
+def _target_type(gguf_type: str, bits: int, sym: bool, float_zero_point: bool = False):
+    """The GGUF type for `gguf_type` ("auto": the smallest type holding the model's integers exactly; Q4_1 for float
+    zero points, which only its per-block offset holds)."""
     gguf = _gguf()
     types = gguf.GGMLQuantizationType
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: gguf_type must be one of {', '.join(GGUF_TYPES)}.")
     if gguf_type == "auto":
-        return types.Q8_0 if bits > 4 else (types.Q4_0 if sym else types.Q4_1)
+        return types.Q8_0 if bits > 4 else (types.Q4_0 if sym and not float_zero_point else types.Q4_1)
     qtype = getattr(types, gguf_type.upper())
     if bits > _type_bits(qtype):
         raise ValueError(
@@ -105,7 +106,7 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto") -> GgufPlan:
         raise ValueError(f"export(format='gguf') writes default rotary embeddings only; this model uses {rope!r}.")
     layers = dict(quantized_layers(model, FORMAT))
     first = next(iter(layers.values()))
-    qtype = _target_type(gguf_type, first.bits, first.sym)
+    qtype = _target_type(gguf_type, first.bits, first.sym, first.float_zero_point)
     for name, layer in layers.items():
         if layer.weight_g_idx is not None:
             raise ValueError(
@@ -185,9 +186,9 @@ def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto
     writer.close()
 
 
-def _block_params(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(n = q - zero_point, int16 [out, in/32, 32]; scale fp32 [out, in/32]) of the layer's blocks of 32 inputs, or
-    None when a block spans two hf_ptq groups."""
+def _block_params(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """(q int16 [out, in/32, 32]; zero point [out, in/32] (integer or float) or None; scale fp32 [out, in/32]) of the
+    layer's blocks of 32 inputs, or None when a block spans two hf_ptq groups."""
     if layer.group_size > 0 and layer.group_size % BLOCK:
         return None
     qw = layer.quantized_weight()
@@ -200,10 +201,7 @@ def _block_params(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor] | Non
         repeat = blocks // qw.scale.shape[1]
         scale = qw.scale.float().repeat_interleave(repeat, dim=1)
         zero = None if qw.zero_point is None else qw.zero_point.repeat_interleave(repeat, dim=1)
-    n = qw.q.to(torch.int16).reshape(out_f, blocks, BLOCK)
-    if zero is not None:
-        n = n - zero.to(torch.int16).unsqueeze(-1)
-    return n, scale
+    return qw.q.to(torch.int16).reshape(out_f, blocks, BLOCK), zero, scale
 
 
 def encode_exact(layer: QuantLinear, qtype) -> np.ndarray | None:
@@ -212,28 +210,35 @@ def encode_exact(layer: QuantLinear, qtype) -> np.ndarray | None:
     params = _block_params(layer)
     if params is None:
         return None
-    n, scale = params
+    q, zero, scale = params
     d = scale.to(torch.float16)
     if not torch.isfinite(d).all():
         return None
     name = qtype.name
-    if name == "Q8_0":
-        if n.min() < -128 or n.max() > 127:
+    if zero is not None and zero.is_floating_point():  # HQQ: w = d * u + m, u = q + 2^(b-1), m = -d * (z + 2^(b-1))
+        if name != "Q4_1":
             return None
-        parts = [d.unsqueeze(-1), n.to(torch.int8)]
-    elif name == "Q4_0":
-        if n.min() < -8 or n.max() > 7:
-            return None
-        parts = [d.unsqueeze(-1), _nibbles(n + 8)]
-    else:  # Q4_1: u = n - c per block, m = d * c
-        offset = _q4_1_offset(n, scale)
-        if offset is None:
-            return None
-        m = (scale * offset.float()).to(torch.float16)
-        parts = [d.unsqueeze(-1), m.unsqueeze(-1), _nibbles(n - offset.unsqueeze(-1))]
-    out_f = n.shape[0]
+        offset = 1 << (layer.bits - 1)
+        m = (-(scale * (zero.float() + offset))).to(torch.float16)
+        parts = [d.unsqueeze(-1), m.unsqueeze(-1), _nibbles(q + offset)]
+    else:
+        n = q if zero is None else q - zero.to(torch.int16).unsqueeze(-1)  # w = n * scale
+        if name == "Q8_0":
+            if n.min() < -128 or n.max() > 127:
+                return None
+            parts = [d.unsqueeze(-1), n.to(torch.int8)]
+        elif name == "Q4_0":
+            if n.min() < -8 or n.max() > 7:
+                return None
+            parts = [d.unsqueeze(-1), _nibbles(n + 8)]
+        else:  # Q4_1: u = n - c per block, m = d * c
+            c = _q4_1_offset(n, scale)
+            if c is None:
+                return None
+            m = (scale * c.float()).to(torch.float16)
+            parts = [d.unsqueeze(-1), m.unsqueeze(-1), _nibbles(n - c.unsqueeze(-1))]
     as_bytes = [p.contiguous().view(torch.uint8) for p in parts]
-    return torch.cat(as_bytes, dim=-1).reshape(out_f, -1).numpy()
+    return torch.cat(as_bytes, dim=-1).reshape(q.shape[0], -1).numpy()
 
 
 def _q4_1_offset(n: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ from ..core.quant import qrange
 from ..nn import QuantLinear
 from .checkpoint import write_checkpoint
 from .export import export_format
-from .layers import float_linears, quantized_layers
+from .layers import float_linears, quantized_layers, refuse_float_zero_points
 
 logger = logging.get_logger(__name__)
 
@@ -118,6 +118,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
 
 def check(model: nn.Module, tokenizer: Any = None) -> None:
     layers = quantized_layers(model, FORMAT)
+    refuse_float_zero_points(layers, FORMAT)
     schemes = {(m.bits, m.group_size, m.sym) for _, m in layers}
     if len(schemes) != 1:
         raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..methods import method_names, method_spec
 from ..nn import QuantLinear
 
 
@@ -14,6 +15,14 @@ def quantized_layers(model: nn.Module, format_name: str) -> list[tuple[str, Quan
     transposed GPT-2 `Conv1D`, which the foreign readers do not build (they quantize `nn.Linear` only).
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    method = getattr(getattr(model.config, "quantization_config", None), "method", None)
+    backend = method_spec(method).backend if method in method_names() else None
+    if backend is not None:
+        raise ValueError(
+            f"export(format={format_name!r}): method={method!r} keeps its weights in the {backend} package's "
+            "modules, which the exports do not read. Supported: hf_ptq's packed layers (methods rtn, int8, gptq, "
+            "awq, hqq)."
+        )
     if not layers:
         raise ValueError(
             f"export(format={format_name!r}) takes a model quantized by hf_ptq (with hf_ptq.PtqConfig); this model "
@@ -28,6 +37,17 @@ def quantized_layers(model: nn.Module, format_name: str) -> list[tuple[str, Quan
             "Keep the hf_ptq checkpoint (save_pretrained) for this model."
         )
     return layers
+
+
+def refuse_float_zero_points(layers: list[tuple[str, QuantLinear]], format_name: str) -> None:
+    """ValueError when layers carry float zero points (HQQ), which `format_name` stores as integers only."""
+    floats = [n for n, m in layers if m.float_zero_point]
+    if floats:
+        raise ValueError(
+            f"export(format={format_name!r}): {floats[0]!r} (and {len(floats) - 1} more) has float zero points "
+            f"(HQQ), and {format_name} stores integer zero points only. Supported for HQQ: format='gguf' (Q4_1 holds "
+            "a float offset per block of 32); or quantize with method='rtn' / 'gptq' / 'awq'."
+        )
 
 
 def float_linears(model: nn.Module) -> list[str]:
