@@ -43,6 +43,7 @@ class Method:
     external: str | None = None  # run by another library's worker in its own virtualenv (llm-compressor)
     baseline: str | None = None  # the llm-compressor row this calibrated row is timed against
     time_target: float = 0.5  # load+quantize time / the baseline's, at most
+    w8a8: bool = False  # int8 weights and activations (SmoothQuant): the W8A8 targets apply
     same_as: str | None = None  # a row computing the same model through the library directly (ppl ratio ~ 1)
 
 
@@ -55,6 +56,13 @@ METHODS = {
     "llmc-gptq": Method("llm-compressor gptq w4 g64", False, calibrated=True, external="gptq"),
     "awq-w4": Method("hf_ptq awq w4 g64", True, calibrated=True, baseline="llmc-awq", time_target=0.25),
     "llmc-awq": Method("llm-compressor awq w4 g64", False, calibrated=True, external="awq"),
+    "w8a8": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-auto": Method("hf_ptq smoothquant w8a8 dynamic (α auto, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-static": Method("hf_ptq smoothquant w8a8 static (α 0.8, rtn)", True, True, baseline="llmc-sq", w8a8=True),
+    "w8a8-gptq": Method("hf_ptq smoothquant w8a8 dynamic (α 0.5, gptq)", True, True, baseline="llmc-sq", w8a8=True),
+    "llmc-sq": Method(
+        "llm-compressor smoothquant 0.8 + gptq w8a8", False, calibrated=True, external="smoothquant-w8a8", w8a8=True
+    ),
     "bnb-nf4": Method("bnb nf4", False),
     "bnb-int8": Method("bnb int8", False),
     "hf-nf4": Method("hf_ptq nf4 g64 (bitsandbytes)", False, same_as="bnb-nf4"),
@@ -81,6 +89,10 @@ def quantization_config(method: str, calibration=None):
             method=method, bits=4, group_size=64, sym=False, dataset=calibration, num_samples=n, seq_len=seq, **options
         )
 
+    def smoothquant(**options):
+        n, seq = calibration.shape
+        return hf_ptq.SmoothQuantConfig(dataset=calibration, num_samples=n, seq_len=seq, **options)
+
     return {
         "bf16": lambda: None,
         "rtn-w4": lambda: hf_ptq.PtqConfig(method="rtn", bits=4, group_size=64, sym=False),
@@ -88,6 +100,10 @@ def quantization_config(method: str, calibration=None):
         "gptq-w4": lambda: calibrated("gptq"),
         "gptq-w4-noact": lambda: calibrated("gptq", desc_act=False),
         "awq-w4": lambda: calibrated("awq"),
+        "w8a8": lambda: smoothquant(),
+        "w8a8-auto": lambda: smoothquant(alpha="auto"),
+        "w8a8-static": lambda: smoothquant(activations="static", alpha=0.8),
+        "w8a8-gptq": lambda: smoothquant(weight_method="gptq"),
         "bnb-nf4": lambda: BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         ),
@@ -398,6 +414,9 @@ def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, b
         checks.append((f"perplexity {label} / {ref}", r, "<= 1.01", _le(r, 1.01)))
     for m in (m for m in results if METHODS[m].hf_ptq):
         label, res = METHODS[m].label, results[m]
+        if METHODS[m].w8a8:
+            checks += w8a8_acceptance(m, results)
+            continue
         if METHODS[m].calibrated:
             ppl = res.get("ppl")
             if m in PPL_TARGETS:
@@ -433,6 +452,35 @@ def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, b
         if m == "rtn-w4":
             r = res["linear_bytes"] / res["linear_bf16_bytes"] if res.get("linear_bf16_bytes") else None
             checks.append((f"quantized Linear bytes / bf16 bytes, {label}", r, "<= 0.3", _le(r, 0.3)))
+    return checks
+
+
+# SmolLM2-135M's perplexity on this protocol in fp32 (the W8A8 target is relative to it) and the W8A8 targets.
+FP32_PPL = 25.60
+W8A8_TARGETS = {"ppl_vs_fp32": 1.02, "prefill": 1.2, "decode": 1.5}
+
+
+def w8a8_acceptance(m: str, results: dict[str, dict]) -> list[tuple[str, float | None, str, bool | None]]:
+    """W8A8 rows: perplexity <= 1.02x fp32, prefill >= 1.2x and decode >= 1.5x the bf16 model of this run."""
+    label, res, bf16 = METHODS[m].label, results[m], results.get("bf16", {})
+    ppl = res.get("ppl")
+    r = ppl / FP32_PPL if ppl is not None else None
+    target = W8A8_TARGETS["ppl_vs_fp32"]
+    checks = [(f"perplexity {label} / fp32 ({FP32_PPL})", r, f"<= {target}", _le(r, target))]
+    llmc = results.get("llmc-sq", {})
+    for key, name in (("ppl", "perplexity"), ("load_s", "load+quantize time")):
+        x, y = res.get(key), llmc.get(key)
+        r = x / y if x is not None and y else None
+        if r is not None:
+            checks.append((f"{name} {label} / {METHODS['llmc-sq'].label}", r, "(for reference)", None))
+    for key, name in (("prefill_tps", "prefill"), ("decode_tps", "decode")):
+        x, y = res.get(key), bf16.get(key)
+        r = x / y if x is not None and y else None
+        checks.append((f"{name} {label} / bf16", r, f">= {W8A8_TARGETS[name]}", _ge(r, W8A8_TARGETS[name])))
+    r = res["linear_bytes"] / res["linear_bf16_bytes"] if res.get("linear_bf16_bytes") else None
+    checks.append((f"quantized Linear bytes / bf16 bytes, {label}", r, "about 0.5", None if r is None else r < 0.52))
+    x, y = res.get("ckpt_bytes"), bf16.get("ckpt_bytes")
+    checks.append((f"checkpoint bytes {label} / bf16", x / y if x and y else None, "(for reference)", None))
     return checks
 
 

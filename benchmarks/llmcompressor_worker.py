@@ -50,6 +50,18 @@ def gptq_recipe(args: argparse.Namespace) -> list[Any]:
     return [GPTQModifier(config_groups=w4_group_asym_scheme(args.group_size), ignore=["lm_head"])]
 
 
+def smoothquant_w8a8_recipe(args: argparse.Namespace) -> list[Any]:
+    """SmoothQuant (smoothing strength 0.8), then GPTQ with the W8A8 scheme (int8 per-channel weights, int8 dynamic
+    per-token activations) on every Linear but lm_head: llm-compressor's W8A8 example."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    return [
+        SmoothQuantModifier(smoothing_strength=0.8),
+        GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+    ]
+
+
 def awq_recipe(args: argparse.Namespace) -> list[Any]:
     """AWQ (duo scaling, 20 grid points: its defaults) followed by the same W4 g`group_size` asymmetric scheme."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -69,9 +81,12 @@ def _skip_pinning_without_accelerator() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
-# One entry per method: the llm-compressor recipe (a list of modifiers) it runs. "smoothquant-w8a8"
-# (SmoothQuantModifier + GPTQModifier with scheme "W8A8") would go here.
-RECIPES: dict[str, Callable[[argparse.Namespace], list[Any]]] = {"gptq": gptq_recipe, "awq": awq_recipe}
+# One entry per method: the llm-compressor recipe (a list of modifiers) it runs.
+RECIPES: dict[str, Callable[[argparse.Namespace], list[Any]]] = {
+    "gptq": gptq_recipe,
+    "awq": awq_recipe,
+    "smoothquant-w8a8": smoothquant_w8a8_recipe,
+}
 
 
 def token_ids(tokenizer: Any, path: Path) -> torch.Tensor:

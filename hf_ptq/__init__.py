@@ -1,6 +1,7 @@
 """hf_ptq: post-training quantization as a plugin for Hugging Face transformers.
 
-`import hf_ptq` registers `PtqConfig` (quant_method "hf_ptq") and its quantizer with transformers, so
+`import hf_ptq` registers `PtqConfig` (quant_method "hf_ptq", weight-only) and `SmoothQuantConfig` (quant_method
+"hf_ptq_smoothquant", W8A8) and their quantizers with transformers, so
 `from_pretrained(model_id, quantization_config=hf_ptq.PtqConfig(...))` quantizes on load and
 `from_pretrained(saved_dir)` reloads the packed checkpoint.
 """
@@ -11,13 +12,16 @@ from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
 from .formats.export import export, format_names
 from .formats.hub import push_to_hub
 from .methods import method_names
-from .nn import QuantLinear
-from .quantizer import PtqHfQuantizer
+from .nn import QuantLinear, W8A8Linear
+from .quantizer import PtqHfQuantizer, SmoothQuantHfQuantizer
 from .registration import register
+from .smoothquant_config import QUANT_METHOD as SMOOTHQUANT_METHOD
+from .smoothquant_config import SmoothQuantConfig
 
 __version__ = "0.1.0"
 
 register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
+register(SMOOTHQUANT_METHOD, SmoothQuantConfig, SmoothQuantHfQuantizer)
 
 __all__ = [
     "Comparison",
@@ -25,7 +29,10 @@ __all__ = [
     "PtqConfig",
     "PtqHfQuantizer",
     "QuantLinear",
+    "SmoothQuantConfig",
+    "SmoothQuantHfQuantizer",
     "Thresholds",
+    "W8A8Linear",
     "compare",
     "evaluate",
     "export",

@@ -9,20 +9,22 @@ from transformers.quantizers.base import HfQuantizer
 from .calibration.data import calibration_batches
 from .config import PtqConfig
 from .methods import method_spec, require_package
-from .nn import QuantLinear, quantizable_linears
+from .nn import QUANTIZED_MODULES, quantizable_linears
 from .nn.replace import check_group_size, replace_linears
 from .pipeline import calibrate_and_quantize
+from .smoothquant_config import SmoothQuantConfig
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, config: PtqConfig, tokenizer=None) -> nn.Module:
+def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=None) -> nn.Module:
     """Quantize the Linears of an in-memory transformers model in place, as `from_pretrained` would.
 
-    Calibrated methods (`gptq`) run the sequential pipeline on `config.dataset`; text is tokenized with
+    Calibrated methods (`gptq`, SmoothQuant) run the sequential pipeline on `config.dataset`; text is tokenized with
     `tokenizer` (default: `config.tokenizer`, else the tokenizer of the model's repo). The result saves with
     `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
     """
-    if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, QuantLinear) for m in model.modules()):
+    already = getattr(model, "hf_quantizer", None) is not None
+    if already or any(isinstance(m, QUANTIZED_MODULES) for m in model.modules()):
         raise ValueError("quantize(): this model is already quantized.")
     spec = method_spec(config.method)
     skip = HfQuantizer.get_modules_to_not_convert(
@@ -63,18 +65,19 @@ def quantize(model: nn.Module, config: PtqConfig, tokenizer=None) -> nn.Module:
 
 
 def _mark_quantized(
-    model: nn.Module, config: PtqConfig, skip: list[str], quantizer: HfQuantizer | None = None
+    model: nn.Module, config: PtqConfig | SmoothQuantConfig, skip: list[str], quantizer: HfQuantizer | None = None
 ) -> nn.Module:
     """Attach the quantizer and config transformers expects on a quantized model (for save / reload / push)."""
-    from .formats.hub import attach_push_to_hub
-    from .quantizer import PtqHfQuantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    quantizer = quantizer or PtqHfQuantizer(config, pre_quantized=False)
+    from .formats.hub import attach_push_to_hub
+
+    quantizer = quantizer or AUTO_QUANTIZER_MAPPING[config.quant_method](config, pre_quantized=False)
     quantizer.modules_to_not_convert = skip
     model.hf_quantizer = quantizer
     model.config.quantization_config = config
     model.is_quantized = True
     model.quantization_method = config.quant_method
-    model.add_model_tags(["hf-ptq", config.method, f"{config.bits}-bit"])
+    model.add_model_tags(quantizer.model_tags())
     attach_push_to_hub(model)
     return model

@@ -7,15 +7,13 @@ allowed values before any weight is read. The config round-trips through `to_dic
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from transformers.utils import logging
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .auto_method import DEPLOY_TARGETS, PREFERENCES, choose_method
-from .calibration.describe import describe_dataset
+from .config_base import HfPtqConfig
 from .methods import method_names, method_spec
 from .methods.gptq import stores_g_idx
 
@@ -77,7 +75,7 @@ def _fail(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"PtqConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
 
 
-class PtqConfig(QuantizationConfigMixin):
+class PtqConfig(HfPtqConfig):
     """Weight quantization config for `AutoModel*.from_pretrained(..., quantization_config=PtqConfig(...))`.
 
     Args:
@@ -165,16 +163,9 @@ class PtqConfig(QuantizationConfigMixin):
         self.finetune = finetune
         self.prefer = prefer
         self.deploy = deploy
-        # Keys written by `to_dict` that are not constructor arguments (dataset description, auto choice, version).
-        self.dataset_description = saved.pop("dataset_description", None)
-        self.auto_choice = saved.pop("auto_choice", None)
-        self.format_version = saved.pop("format_version", 1)
-        if saved:
-            raise ValueError(
-                f"PtqConfig got unknown field(s) {sorted(saved)}; known fields: "
-                "method, bits, group_size, sym, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, "
-                "compute_dtype, tokenizer, " + ", ".join([*_METHOD_FIELDS, *_AUTO_FIELDS]) + "."
-            )
+        self.auto_choice = saved.pop("auto_choice", None)  # written by `to_dict` after method="auto" chose
+        known = "method, bits, group_size, sym, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, "
+        self._take_saved_keys(saved, [known + "compute_dtype, tokenizer", *_METHOD_FIELDS, *_AUTO_FIELDS])
         self.post_init()
 
     def _resolve_auto(self, names: list[str]) -> None:
@@ -240,13 +231,7 @@ class PtqConfig(QuantizationConfigMixin):
             )
         if not isinstance(self.sym, bool):
             raise _fail("sym", self.sym, "True or False")
-        mods = self.modules_to_not_convert
-        if mods is not None and (not isinstance(mods, list) or not all(isinstance(m, str) for m in mods)):
-            raise _fail("modules_to_not_convert", mods, 'a list of module names, e.g. ["lm_head", "mlp.down_proj"]')
-        for field in ("num_samples", "seq_len", "batch_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise _fail(field, value, "a positive integer")
+        self._check_shared_fields(_fail, spec.needs_calibration)
         for field, (default, check, allowed) in _METHOD_FIELDS.items():
             value = getattr(self, field)
             if field not in spec.fields:
@@ -261,9 +246,6 @@ class PtqConfig(QuantizationConfigMixin):
                 setattr(self, field, default)
             elif not check(value):
                 raise _fail(field, value, allowed)
-        tok = self.tokenizer
-        if tok is not None and not isinstance(tok, str) and not callable(tok):
-            raise _fail("tokenizer", tok, "a tokenizer, a tokenizer name or folder, or None (the model's own)")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
         if spec.check is not None:
@@ -271,29 +253,11 @@ class PtqConfig(QuantizationConfigMixin):
                 spec.check(self)
             except ValueError as exc:
                 raise ValueError(f"{exc}{self._auto_note()}") from None
-        if self.dataset is not None:
-            self.dataset_description = describe_dataset(self.dataset)
-        elif spec.needs_calibration and self.dataset_description is None:
-            self.dataset_description = {"source": "sampled-from-model"}
-
-    # --- serialization -------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: the calibration data itself is replaced by its description."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
-        out["dataset"] = None
-        out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
-        return out
 
     @property
     def act_order_modules(self) -> bool:
         """Whether quantized layers carry a `weight_g_idx` (GPTQ act-order with dynamic groups)."""
         return bool(self.desc_act) and stores_g_idx(True, bool(self.static_groups), self.group_size)
-
-    def __iter__(self):
-        yield from self.to_dict().items()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PtqConfig) and self.to_dict() == other.to_dict()
 
     def describe(self) -> str:
         """One line for logs and model cards, e.g. `rtn w4 g128 asym`."""

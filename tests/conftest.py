@@ -167,6 +167,17 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# accelerate device map of the tiny Llama with its second block offloaded to disk
+LLAMA_BLOCK1_ON_DISK = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
+
+
 def rtn_w4() -> hf_ptq.PtqConfig:
     return hf_ptq.PtqConfig(method="rtn", bits=4, group_size=32, sym=False)
 

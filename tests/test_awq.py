@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, VOCAB, input_ids, model_output, rel_err
+from conftest import FAMILIES, LLAMA_BLOCK1_ON_DISK, VOCAB, assert_same_model, input_ids, model_output, rel_err
 from transformers.pytorch_utils import Conv1D
 
 import hf_ptq
 from hf_ptq import PtqConfig
 from hf_ptq.core.clip_search import clipped_qparams
 from hf_ptq.core.quant import compute_qparams, quantize
-from hf_ptq.methods.awq import AWQStats, clipped_rtn, search_scale
+from hf_ptq.methods.awq import AWQStats, _rounded, clipped_rtn, search_scale
 from hf_ptq.nn import QuantLinear
 from hf_ptq.nn.replace import filled_quant_linear
 from hf_ptq.pipeline.blocks import find_blocks
@@ -192,6 +192,16 @@ def test_search_objective_is_the_output_error_and_never_worse_than_no_scaling() 
     assert no_scaling == pytest.approx(errors[0], rel=1e-3) and direct <= no_scaling
 
 
+@pytest.mark.parametrize(("group_size", "sym"), [(32, False), (-1, True), (0, False)])
+def test_search_candidates_are_rounded_as_the_model_will_store_them(group_size: int, sym: bool) -> None:
+    """A candidate's Q(W s) / s is exactly what quantizing the bf16 weight W s and dequantizing gives."""
+    torch.manual_seed(4)
+    w, s = torch.randn(48, 64), torch.rand(64) + 0.5
+    cfg = PtqConfig(method="awq", bits=4, group_size=group_size, sym=sym)
+    expected = quantize((w * s).to(torch.bfloat16), 4, group_size, sym, torch.bfloat16).dequantize() / s
+    assert torch.equal(_rounded(w, s, cfg, torch.bfloat16), expected)
+
+
 def test_search_keeps_no_scaling_when_nothing_beats_it() -> None:
     """Uniform inputs and weights: every candidate is at least as bad as s = 1, which is then returned."""
     x = torch.ones(64, 32)
@@ -257,12 +267,7 @@ def test_awq_every_family_save_reload(family_name: str, tmp_path: Path, caplog) 
     q.save_pretrained(tmp_path / "q")
     reloaded = family.auto_class.from_pretrained(tmp_path / "q")
     assert reloaded.config.quantization_config.method == "awq"
-    expected, got = q.state_dict(), reloaded.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
-    ids = input_ids()
-    assert torch.equal(model_output(reloaded, ids), model_output(q, ids))
+    assert_same_model(reloaded, q)
 
 
 def test_awq_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
@@ -270,18 +275,10 @@ def test_awq_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = awq_config(compute_dtype="float32")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.rotary_emb": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "lm_head": "cpu",
-    }
     offloaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "float",
         quantization_config=cfg,
-        device_map=device_map,
+        device_map=LLAMA_BLOCK1_ON_DISK,
         offload_folder=str(tmp_path / "offload"),
         dtype=torch.float32,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, input_ids, model_output, rel_err
+from conftest import FAMILIES, LLAMA_BLOCK1_ON_DISK, VOCAB, input_ids, model_output, rel_err
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,18 +158,10 @@ def test_offloaded_blocks(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = gptq_config(compute_dtype="float32")
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.rotary_emb": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "lm_head": "cpu",
-    }
     offloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path / "float",
         quantization_config=cfg,
-        device_map=device_map,
+        device_map=LLAMA_BLOCK1_ON_DISK,
         offload_folder=str(tmp_path / "offload"),
         dtype=torch.float32,
     )

@@ -36,6 +36,57 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.zero_point, self.group_size, self.g_idx, dtype)
 
+    def rows(self, rows: slice) -> QuantizedWeight:
+        """The output channels `rows`, each tensor with its own storage (they are saved separately)."""
+        per_row = self.group_size != 0  # per-tensor qparams ([1]) are shared by all rows
+        return QuantizedWeight(
+            self.q[rows].clone(),
+            (self.scale[rows] if per_row else self.scale).clone(),
+            _clone(self.zero_point if not per_row or self.zero_point is None else self.zero_point[rows]),
+            self.bits,
+            self.group_size,
+            _clone(self.g_idx),
+        )
+
+    def to(self, device: torch.device) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.q.to(device),
+            self.scale.to(device),
+            _to(self.zero_point, device),
+            self.bits,
+            self.group_size,
+            _to(self.g_idx, device),
+        )
+
+
+@dataclass
+class W8A8Weight:
+    """A Linear quantized for int8 x int8 matmuls (W8A8): its weight and how its input is quantized.
+
+    Attributes:
+        weight: int8 per-output-channel symmetric weight (bits 8, group_size -1, scale [out, 1]).
+        input_scale: [1] static per-tensor scale of the input (`x ≈ q_x * input_scale`), or None for dynamic
+            per-token scales computed on every call.
+    """
+
+    weight: QuantizedWeight
+    input_scale: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> W8A8Weight:
+        """The output channels `rows`; the input scale is shared (the rows read the same input)."""
+        return W8A8Weight(self.weight.rows(rows), _clone(self.input_scale))
+
+    def to(self, device: torch.device) -> W8A8Weight:
+        return W8A8Weight(self.weight.to(device), _to(self.input_scale, device))
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
 
 def qrange(bits: int) -> tuple[int, int]:
     """Smallest and largest signed integer of `bits` bits."""

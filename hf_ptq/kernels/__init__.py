@@ -113,7 +113,7 @@ def int4_cpu_matmul_reordered(
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [rows, in] -> [rows, out] through the int8 weight-only kernel; q int8 [out, in], per-row scale [out]."""
-    return torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))
+    return torch.ops.aten._weight_int8pack_mm(x, q, scale if scale.dtype == x.dtype else scale.to(x.dtype))
 
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

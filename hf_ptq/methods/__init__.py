@@ -1,9 +1,11 @@
 """Registry of quantization algorithms: a dict of `MethodSpec` and a decorator that fills it.
 
 A method is a function of a weight (and, for calibrated methods, collected statistics) that returns a
-`QuantizedWeight`. Methods do no module surgery and no I/O. A calibrated method names the statistics it needs:
-a class built as `statistics(in_features)` whose `add_batch(x [..., in])` the pipeline calls with the inputs of
-the Linears it will quantize; the method is then called as `fn(weight [out, in], config, stats)`.
+`QuantizedWeight` (weight-only methods, configured by `PtqConfig`) or a `W8A8Weight` (methods that quantize
+activations too, configured by their own config, e.g. `SmoothQuantConfig`). Methods do no module surgery and no
+I/O. A calibrated method names the statistics it needs: a class built as `statistics(in_features)` whose
+`add_batch(x [..., in])` the pipeline calls with the inputs of the Linears it will quantize; the method is then
+called as `fn(weight [out, in], config, stats)`.
 
 A method that rescales input channels (AWQ, SmoothQuant) also gives `smooth(weight [out, in], config, stats) -> s [in]
 | None`. The pipeline calls it for each group of Linears sharing an input whose producer can take the scale (see
@@ -37,6 +39,8 @@ class MethodSpec:
     statistics: Callable[[int], Any] | None = None  # calibrated methods: per-input statistics accumulator
     fields: tuple[str, ...] = ()  # method-specific PtqConfig fields this method reads (e.g. GPTQ's desc_act)
     smooth: Callable[..., Any] | None = None  # per-input-channel scale search (AWQ, SmoothQuant), see above
+    activations: bool = False  # quantizes activations too (W8A8): not a `PtqConfig` method
+    uncalibrated: Callable[..., Any] | None = None  # `fn(weight, config)` for layers no calibration input reached
     defaults: dict[str, Any] = field(default_factory=dict)  # shared fields whose default differs for this method
     check: Callable[[Any], None] | None = None  # extra validation of a PtqConfig (raises ValueError naming the field)
     requires: tuple[str, str] | None = None  # (import name, hf-ptq extra) of the package needed to quantize
@@ -52,6 +56,8 @@ def register_method(
     fields: tuple[str, ...] = (),
     *,
     smooth: Callable[..., Any] | None = None,
+    activations: bool = False,
+    uncalibrated: Callable[..., Any] | None = None,
     defaults: dict[str, Any] | None = None,
     check: Callable[[Any], None] | None = None,
     requires: tuple[str, str] | None = None,
@@ -59,7 +65,7 @@ def register_method(
     float_zero_point: bool = False,
     **forced_fields: Any,
 ):
-    """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight` under `name`."""
+    """Decorator: register `fn(weight [out, in], config[, stats]) -> QuantizedWeight | W8A8Weight` under `name`."""
 
     def wrap(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
         _METHODS[name] = MethodSpec(
@@ -71,6 +77,8 @@ def register_method(
             statistics,
             tuple(fields),
             smooth,
+            activations,
+            uncalibrated,
             dict(defaults or {}),
             check,
             requires,
@@ -83,8 +91,9 @@ def register_method(
 
 
 def method_names() -> list[str]:
+    """The weight-only methods (`PtqConfig.method`)."""
     _load_builtin()
-    return sorted(_METHODS)
+    return sorted(n for n, spec in _METHODS.items() if not spec.activations)
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -105,4 +114,5 @@ def require_package(spec: MethodSpec) -> None:
 
 
 def _load_builtin() -> None:
-    from . import awq, bnb, gptq, hqq, rtn  # noqa: F401  (registers awq, nf4/fp4/llm_int8, gptq, hqq, rtn and int8)
+    from . import awq, bnb, gptq, hqq, rtn, smoothquant  # noqa: F401  (registers awq, nf4/fp4/llm_int8, gptq, hqq, rtn,
+    # int8 and smoothquant)

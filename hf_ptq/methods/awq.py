@@ -8,8 +8,8 @@ grid: `s = mean|x|^α / mean|ŵ|^(1-α)` ("duo scaling", ŵ = |W| normalised per
 calibration token, `Σ_t ||W x_t - Q(W s) (x_t / s)||² = tr(D XXᵀ Dᵀ)` with `D = W - Q(W s) / s`. With the inputs'
 Gram matrix `XXᵀ` (accumulated like GPTQ's Hessian) each candidate costs one [out, in] x [in, in] product, whatever
 the number of tokens. s = 1 (no scaling) is always a candidate, so the search never does worse than it on this
-objective. Then (`clip`) each group's range is shrunk to the factor in [0.5, 1] with the smallest output error
-over the same inputs (the group's block of the Gram matrix), and the weight is rounded.
+objective. Then (`clip`) each group's range is shrunk to the factor in {1, 0.95, ..., 0.55} with the smallest
+output error over the same inputs (the group's block of the Gram matrix), and the weight is rounded.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.clip_search import clipped_qparams
-from ..core.quant import QuantizedWeight, quantize, quantize_with
+from ..core.quant import QuantizedWeight, compute_qparams, qrange, quantize, quantize_with
 from . import register_method
 from .gptq import GPTQ
 
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 AWQ_FIELDS = ("duo_scaling", "grid", "clip", "true_sequential")
 _MIN_SCALE = 1e-4
-_CLIP_MIN_SHRINK = 0.5
-_CLIP_STEPS = 20
+_CLIP_MIN_SHRINK = 0.55  # AWQ's clipping candidates: 1, 0.95, ..., 0.55
+_CLIP_STEPS = 9
 
 
 class AWQStats(GPTQ):
@@ -76,10 +76,20 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Ten
 
 
 def _rounded(weight: torch.Tensor, s: torch.Tensor, config: PtqConfig, dtype: torch.dtype) -> torch.Tensor:
-    """Q(W s) / s [out, in] fp32: W s stored in `dtype` (as the model will hold it), rounded with min/max ranges."""
-    scaled = (weight * s).to(dtype)
-    qw = quantize(scaled, config.bits, config.group_size, config.sym, dtype)
-    return qw.dequantize(torch.float32) / s
+    """Q(W s) / s [out, in] fp32: W s stored in `dtype` (as the model will hold it), rounded with min/max ranges
+    (the values `quantize` + `dequantize` give, without building the integer tensors)."""
+    out_f, in_f = weight.shape
+    members = {0: out_f * in_f, -1: in_f}.get(config.group_size, config.group_size)
+    grouped = (weight * s).to(dtype).float().reshape(-1, members)
+    scale, zero = compute_qparams(grouped.amin(1), grouped.amax(1), config.bits, config.sym, dtype)
+    qmin, qmax = qrange(config.bits)
+    q = torch.round(grouped / scale[:, None])
+    if zero is not None:
+        z = zero.float()[:, None]
+        q = q.add_(z).clamp_(qmin, qmax).sub_(z)
+    else:
+        q = q.clamp_(qmin, qmax)
+    return q.mul_(scale[:, None]).reshape(out_f, in_f).div_(s)
 
 
 def _weight_profile(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Quantized modules and the surgery that swaps them into a model."""
 
 from .quant_linear import QuantLinear
-from .replace import quantizable_linears, replace_linears
+from .replace import QUANTIZED_MODULES, quantizable_linears, replace_linears
+from .w8a8_linear import W8A8Linear
 
-__all__ = ["QuantLinear", "quantizable_linears", "replace_linears"]
+__all__ = ["QUANTIZED_MODULES", "QuantLinear", "W8A8Linear", "quantizable_linears", "replace_linears"]

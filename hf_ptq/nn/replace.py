@@ -1,16 +1,19 @@
-"""Find the Linears of a model that should be quantized and swap them for `QuantLinear`s."""
+"""Find the Linears of a model that should be quantized and swap them for `QuantLinear`s / `W8A8Linear`s."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from ..core.quant import QuantizedWeight
+from ..core.quant import QuantizedWeight, W8A8Weight
 from .quant_linear import QuantLinear
+from .w8a8_linear import W8A8Linear
+
+QUANTIZED_MODULES = (QuantLinear, W8A8Linear)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -56,10 +59,23 @@ def filled_quant_linear(
     return new
 
 
+def filled_w8a8_linear(
+    module: nn.Module, w: W8A8Weight, *, dtype: torch.dtype, device: torch.device | str | None = None
+) -> W8A8Linear:
+    """A `W8A8Linear` holding `w` (and `module`'s bias) in place of the Linear / Conv1D `module`."""
+    in_f, out_f = linear_shape(module)
+    new = W8A8Linear(in_f, out_f, module.bias is not None, w.input_scale is not None, dtype=dtype, device=device)
+    new.transposed_source = isinstance(module, Conv1D)
+    new.set_quantized(w)
+    if module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
+    return new
+
+
 def quantizable_linears(model: nn.Module, skip: list[str] | None) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every Linear / Conv1D not matched by `skip` (transformers' matching rules)."""
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, QuantLinear):
+        if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, QUANTIZED_MODULES):
             if should_convert_module(name, skip):
                 yield name, module
 
@@ -99,23 +115,48 @@ def replace_linears(
     """
     targets = list(quantizable_linears(model, skip))
     check_group_size(targets, group_size)
+
+    def build(module: nn.Module, in_f: int, out_f: int) -> QuantLinear:
+        new = QuantLinear(
+            in_f,
+            out_f,
+            module.bias is not None,
+            bits,
+            group_size,
+            sym,
+            dtype=dtype,
+            act_order=act_order,
+            compute_dtype=compute_dtype,
+            float_zero_point=float_zero_point,
+        )
+        if expect_float_weight:
+            new.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+        return new
+
+    return _swap_on_meta(model, targets, build)
+
+
+def replace_with_w8a8_linears(
+    model: nn.Module, *, static: bool, skip: list[str] | None, dtype: torch.dtype
+) -> list[str]:
+    """Swap target Linears for empty `W8A8Linear`s on the meta device (to load a saved W8A8 checkpoint into);
+    returns the swapped names."""
+    targets = list(quantizable_linears(model, skip))
+
+    def build(module: nn.Module, in_f: int, out_f: int) -> W8A8Linear:
+        return W8A8Linear(in_f, out_f, module.bias is not None, static, dtype=dtype)
+
+    return _swap_on_meta(model, targets, build)
+
+
+def _swap_on_meta(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], build: Callable[[nn.Module, int, int], nn.Module]
+) -> list[str]:
+    """Replace each target by `build(module, in_features, out_features)`, created on the meta device."""
     for name, module in targets:
         in_f, out_f = linear_shape(module)
         with torch.device("meta"):
-            new = QuantLinear(
-                in_f,
-                out_f,
-                module.bias is not None,
-                bits,
-                group_size,
-                sym,
-                dtype=dtype,
-                act_order=act_order,
-                compute_dtype=compute_dtype,
-                float_zero_point=float_zero_point,
-            )
-            new.transposed_source = isinstance(module, Conv1D)
-            if expect_float_weight:
-                new.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+            new = build(module, in_f, out_f)
+        new.transposed_source = isinstance(module, Conv1D)
         model.set_submodule(name, new)
     return [name for name, _ in targets]

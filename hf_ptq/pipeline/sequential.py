@@ -31,7 +31,6 @@ from transformers.utils.logging import tqdm
 
 from ..calibration.self_generated import input_device
 from ..core.page_release import release_file_pages, trim_heap
-from ..core.quant import QuantizedWeight
 from ..kernels import cpu_has_fast_bf16
 from ..methods import MethodSpec, method_spec
 from ..nn.quant_linear import keep_dense_weights
@@ -128,23 +127,6 @@ def collect(
     return stats
 
 
-def _rows(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
-    """The rows `rows` of a quantized weight, each tensor with its own storage (they are saved separately)."""
-    per_row = qw.group_size != 0  # per-tensor qparams ([1]) are shared by all rows
-
-    def take(t: torch.Tensor | None, by_row: bool) -> torch.Tensor | None:
-        return None if t is None else (t[rows] if by_row else t).clone()
-
-    return QuantizedWeight(
-        take(qw.q, True),
-        take(qw.scale, per_row),
-        take(qw.zero_point, per_row),
-        qw.bits,
-        qw.group_size,
-        take(qw.g_idx, False),
-    )
-
-
 def _float_dtype(blocks: nn.ModuleList) -> torch.dtype:
     """The dtype of the blocks' float parameters (the model's dtype)."""
     for p in blocks.parameters():
@@ -189,7 +171,7 @@ def quantize_group(
     stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
     if stats is None:
         logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
-        qw = method_spec("rtn").quantize_weight(stacked, config)
+        qw = (spec.uncalibrated or method_spec("rtn").quantize_weight)(stacked, config)
     else:
         s = None if smoother is None else smoother.smooth(group, stacked, stats)
         if s is not None:
@@ -199,7 +181,7 @@ def quantize_group(
     row = 0
     del stacked
     for name, module, weight in zip(group, modules, weights, strict=True):
-        part = _rows(qw, slice(row, row + weight.shape[0]))
+        part = qw.rows(slice(row, row + weight.shape[0]))
         row += weight.shape[0]
         install_quantized(scope, name, module, part, config, dtype)
     release_file_pages(*(float_weight(m) for m in modules))  # the replaced float weights are never read again

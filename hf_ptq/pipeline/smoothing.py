@@ -20,7 +20,7 @@ from accelerate.utils import align_module_device, has_offloaded_params
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..nn.quant_linear import QuantLinear
+from ..nn import QUANTIZED_MODULES
 from .families import FamilyLayout, ScaleGroup
 
 logger = logging.getLogger("hf_ptq")
@@ -54,13 +54,13 @@ def _resident(module: nn.Module) -> None:
 
 
 def _snapshot(module: nn.Module, names: tuple[str, ...]) -> Undo:
-    """A function restoring the tensors `names` of `module` (and dropping QuantLinear's derived layouts)."""
+    """A function restoring the tensors `names` of `module` (and dropping a quantized module's derived layouts)."""
     saved = {n: getattr(module, n).detach().clone() for n in names if getattr(module, n, None) is not None}
 
     def undo() -> None:
         for name, tensor in saved.items():
             getattr(module, name).data.copy_(tensor)
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QUANTIZED_MODULES):
             module.invalidate_caches()
 
     return undo
@@ -76,7 +76,7 @@ def producer_fits(block: nn.Module, group: ScaleGroup, n: int) -> bool:
     (not under grouped-query attention, where v is narrower than o_proj's input) whose scales are per row, or a
     norm whose weight has n elements."""
     prev = _submodule(block, group.prev)
-    if isinstance(prev, QuantLinear):
+    if isinstance(prev, QUANTIZED_MODULES):
         return prev.group_size != 0 and _rows_to_divide(prev.out_features, n, group.parts) is not None
     if isinstance(prev, (nn.Linear, Conv1D)):
         out_features = prev.nf if isinstance(prev, Conv1D) else prev.out_features
@@ -92,7 +92,7 @@ def fold_into_producer(block: nn.Module, group: ScaleGroup, layout: FamilyLayout
         raise ValueError(f"{group.prev} cannot take a scale over {s.numel()} channels")
     prev = block.get_submodule(group.prev)
     n = s.numel()
-    if isinstance(prev, QuantLinear):
+    if isinstance(prev, QUANTIZED_MODULES):
         rows = _rows_to_divide(prev.out_features, n, group.parts)
         undo = _snapshot(prev, ("weight_scale", "bias"))
         prev.scale_output_channels_(1.0 / s, rows.start)

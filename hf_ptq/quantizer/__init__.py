@@ -1,5 +1,6 @@
 """transformers' HfQuantizer glue: validate, swap modules, quantize while loading, reload packed checkpoints."""
 
 from .hf_quantizer import PtqHfQuantizer
+from .smoothquant_quantizer import SmoothQuantHfQuantizer
 
-__all__ = ["PtqHfQuantizer"]
+__all__ = ["PtqHfQuantizer", "SmoothQuantHfQuantizer"]

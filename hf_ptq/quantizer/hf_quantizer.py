@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 from ..calibration.data import calibration_batches
 from ..methods import method_spec, require_package
-from ..nn import QuantLinear, quantizable_linears, replace_linears
+from ..nn import QUANTIZED_MODULES, QuantLinear, quantizable_linears, replace_linears
 from ..nn.replace import check_group_size
 from ..pipeline import calibrate_and_quantize
 
@@ -75,21 +75,30 @@ class PtqHfQuantizer(HfQuantizer):
                 self._batches = calibration_batches(cfg, model_path=getattr(model, "name_or_path", None))
             names = [n for n, _ in targets]
         else:
-            names = replace_linears(
-                model,
-                bits=cfg.bits,
-                group_size=cfg.group_size,
-                sym=cfg.sym,
-                skip=self.modules_to_not_convert,
-                dtype=dtype or model.dtype,
-                compute_dtype=cfg.compute_dtype,
-                act_order=self.pre_quantized and cfg.act_order_modules,
-                expect_float_weight=not self.pre_quantized,
-                float_zero_point=method_spec(cfg.method).float_zero_point,
-            )
+            names = self._replace_modules(model, dtype or model.dtype)
         if not names:
             logger.warning("hf_ptq: no Linear layer to quantize was found; the model is left in full precision.")
         return model
+
+    def _replace_modules(self, model: PreTrainedModel, dtype: torch.dtype) -> list[str]:
+        """Swap the target Linears for empty quantized modules that the checkpoint (or quantize-on-load) fills."""
+        cfg = self.quantization_config
+        return replace_linears(
+            model,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            sym=cfg.sym,
+            skip=self.modules_to_not_convert,
+            dtype=dtype,
+            compute_dtype=cfg.compute_dtype,
+            act_order=self.pre_quantized and cfg.act_order_modules,
+            expect_float_weight=not self.pre_quantized,
+            float_zero_point=method_spec(cfg.method).float_zero_point,
+        )
+
+    def model_tags(self) -> list[str]:
+        """Hub tags of a model quantized with this config."""
+        return ["hf-ptq", self.quantization_config.method, f"{self.quantization_config.bits}-bit"]
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
         from ..formats.hub import attach_push_to_hub
@@ -97,7 +106,7 @@ class PtqHfQuantizer(HfQuantizer):
         if self.calibrating:
             batches, self._batches = self._batches, None
             calibrate_and_quantize(model, self.quantization_config, self.modules_to_not_convert, batches)
-        model.add_model_tags(["hf-ptq", self.quantization_config.method, f"{self.quantization_config.bits}-bit"])
+        model.add_model_tags(self.model_tags())
         attach_push_to_hub(model)
         return model
 
@@ -114,9 +123,9 @@ class PtqHfQuantizer(HfQuantizer):
         return QuantizeOnLoad(self)
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None):
-        """Replace every QuantLinear by an `nn.Linear` holding its dequantized weight."""
+        """Replace every quantized module by an `nn.Linear` holding its dequantized weight."""
         for name, module in list(model.named_modules()):
-            if isinstance(module, QuantLinear):
+            if isinstance(module, QUANTIZED_MODULES):
                 weight = module.dequantized_weight(dtype or module.weight_scale.dtype)
                 linear = torch.nn.Linear(
                     module.in_features,

@@ -1,0 +1,158 @@
+"""`W8A8Linear`: int8 weights and int8 activations, multiplied as integers (SmoothQuant's W8A8).
+
+Buffers carry the checkpoint names of compressed-tensors' `int-quantized` format (scheme W8A8: int8 weights with
+a symmetric scale per output channel; int8 activations, dynamic per token or static per tensor), so
+`state_dict()` is the on-disk layout and safetensors round-trips with no converter:
+    weight         int8 [out, in]
+    weight_scale   [out, 1], in the model's dtype
+    input_scale    [1], in the model's dtype; static activation scales only
+    bias           [out], when the Linear had one
+Forward, by the number of rows (tokens x batch) of the call, on CPU and CUDA:
+- more than `weight_only_max_rows()` (prefill, batches): the activations are quantized to int8 (per token, or with
+  `input_scale`), `torch._int_mm` multiplies them by the int8 weight with int32 accumulation, and the result is
+  rescaled in fp32: the W8A8 computation.
+- up to that many rows (decoding): the int8 weight-only kernel runs with bf16 activations, which are *not*
+  quantized: int8 weights, bf16 activations (W8A16), faster for one row and at least as accurate.
+On other devices the W8A8 computation runs with fp32 matmuls of the same integers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..core.quant import QuantizedWeight, W8A8Weight, dequantize
+from ..kernels import w8a8
+from .quant_linear import QuantLinear, _bf16_rows
+
+
+class W8A8Linear(nn.Module):
+    """int8 x int8 replacement for `nn.Linear` (and GPT-2's transposed `Conv1D`)."""
+
+    transposed_source = False  # True when the float weight it replaces is stored [in, out] (GPT-2 Conv1D)
+    bits, group_size = 8, -1  # int8 weights, one scale per output channel
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        static: bool,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"device": device}
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, **kw))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=dtype, **kw))
+        if static:
+            self.register_buffer("input_scale", torch.empty(1, dtype=dtype, **kw))
+        else:
+            self.input_scale = None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
+        self._scales: dict[tuple, torch.Tensor] = {}  # weight / input scales in the dtypes the kernels take
+
+    @property
+    def static(self) -> bool:
+        """True for a static per-tensor activation scale, False for dynamic per-token scales."""
+        return self.input_scale is not None
+
+    def set_quantized(self, w: W8A8Weight) -> None:
+        """Store `w` (shapes and activation scheme must match the constructor's)."""
+        qw = w.weight
+        if tuple(qw.q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight shape {tuple(qw.q.shape)} != {(self.out_features, self.in_features)}")
+        if qw.bits != 8 or qw.group_size != -1 or qw.zero_point is not None:
+            raise ValueError("W8A8Linear holds 8-bit symmetric per-channel weights (bits=8, group_size=-1, sym)")
+        if (w.input_scale is not None) != self.static:
+            raise ValueError(f"this W8A8Linear has {'static' if self.static else 'dynamic'} activation scales")
+        self.weight = qw.q.to(torch.int8).contiguous()
+        self.weight_scale = qw.scale.reshape(self.out_features, 1).to(self.weight_scale.dtype)
+        if self.static:
+            self.input_scale = w.input_scale.reshape(1).to(self.input_scale.dtype)
+        self.invalidate_caches()
+
+    def invalidate_caches(self) -> None:
+        """Drop the scales cached in kernel dtypes, after changing the buffers."""
+        self._scales.clear()
+
+    # Multiply output channels (their scales and bias) by factors, exactly as QuantLinear does with its row scales:
+    # how a smoothing scale is folded into a quantized producer (v_proj before o_proj, up_proj before down_proj).
+    scale_output_channels_ = QuantLinear.scale_output_channels_
+
+    def quantized_weight(self) -> W8A8Weight:
+        """The stored weight and activation scheme (what `set_quantized` took), e.g. for exporters."""
+        qw = QuantizedWeight(self.weight, self.weight_scale, None, 8, -1)
+        return W8A8Weight(qw, self.input_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] the int8 values stand for, in `dtype` (default: the scale's dtype)."""
+        return dequantize(self.weight, self.weight_scale, None, -1, None, dtype or self.weight_scale.dtype)
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= w8a8.weight_only_max_rows() and w8a8.int_mm_supported(x2.device):
+            y = kernels.int8_matmul(_bf16_rows(x2), self.weight, self._scale("weight", torch.bfloat16))
+        else:
+            y = self._w8a8(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        """The W8A8 computation (quantized activations, int8 matmul) whatever the number of rows, fp32 out."""
+        y = self._w8a8(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _w8a8(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [rows, in] -> fp32 [rows, out] without bias: `torch._int_mm` on CPU / CUDA, fp32 matmuls elsewhere."""
+        if not w8a8.int_mm_supported(x2.device):
+            q, scale = self.quantize_input(x2)
+            return (q.float() @ self.weight.float().t()).mul_(scale).mul_(self.weight_scale.float().reshape(1, -1))
+        input_scale = self._scale("input", torch.float32) if self.static else None
+        return w8a8.w8a8_matmul(x2, self.weight, self._scale("weight", torch.float32), input_scale)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The W8A8 computation in float64 from the stored integers and scales, fp32 out: what the int8 path is
+        checked against (float64 represents every int32 accumulator exactly)."""
+        x2 = x.reshape(-1, self.in_features)
+        q, scale = self.quantize_input(x2)
+        acc = q.double() @ self.weight.double().t()
+        y = acc * scale.double() * self.weight_scale.double().reshape(1, -1)
+        if self.bias is not None:
+            y = y + self.bias.double()
+        return y.float().reshape(*x.shape[:-1], self.out_features)
+
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [rows, in], scale fp32 [rows, 1] or [1]): the int8 activations the W8A8 path multiplies."""
+        if self.static:
+            scale = self.input_scale.float()
+            return w8a8.quantize_per_tensor(x2, scale), scale
+        return w8a8.quantize_per_token(x2)
+
+    def _scale(self, which: str, dtype: torch.dtype) -> torch.Tensor:
+        """`weight_scale` as [out] or `input_scale` as [1] in `dtype` (contiguous, on the buffers' device), cached
+        until the buffers change."""
+        key = (which, dtype)
+        cached = self._scales.get(key)
+        if cached is None:
+            source = self.weight_scale.reshape(-1) if which == "weight" else self.input_scale
+            cached = self._scales[key] = source.to(dtype).contiguous()
+        return cached
+
+    def _apply(self, fn, recurse: bool = True):
+        self.invalidate_caches()  # cached scales follow the buffers' device and dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        acts = "static per-tensor" if self.static else "dynamic per-token"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights, "
+            f"int8 {acts} activations, bias={self.bias is not None}"
+        )
