@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FAMILIES
+import torch
+from conftest import FAMILIES, VOCAB
 from test_hub import hub  # noqa: F401  (the Hub replaced by a recorder)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq
-from hf_ptq import PtqConfig
+from hf_ptq import PtqConfig, SmoothQuantConfig
 from hf_ptq.cli import main
 
 
@@ -114,3 +115,19 @@ def test_layers_the_formats_cannot_hold_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="method='nf4' keeps its weights in the bitsandbytes package's modules"):
         hf_ptq.export(nf4, tmp_path / "out", format="compressed-tensors")
     assert not (tmp_path / "out").exists()
+
+
+def test_w8a8_goes_to_compressed_tensors_only(tmp_path: Path) -> None:
+    """gptq and gguf hold weight-only models: a W8A8 model is refused before its tokenizer is looked for or anything
+    is written, naming the format that holds it and the methods they take."""
+    calibration = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = SmoothQuantConfig(dataset=calibration, num_samples=4, seq_len=16)
+    model = hf_ptq.quantize(FAMILIES["llama"].build(), cfg)
+    for fmt in ("gptq", "gguf"):
+        with pytest.raises(ValueError) as info:
+            hf_ptq.export(model, tmp_path / "out", format=fmt)
+        message = str(info.value)
+        assert f"export(format='{fmt}') writes weight-only quantized models" in message
+        assert "methods awq, gptq, hqq, int8, rtn" in message
+        assert message.endswith("Supported for W8A8: format='compressed-tensors'.")
+    assert not list(tmp_path.iterdir())

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..files import check_output_folder, staged_folder
+from .layers import w8a8_layers, weight_only_methods
 
 logger = logging.get_logger(__name__)
 
@@ -31,18 +32,24 @@ class ExportFormat:
     write: Callable[..., None]  # write(model, folder, tokenizer, **options) into an empty folder
     options: tuple[str, ...] = ()
     needs_tokenizer: bool = False
+    w8a8: bool = False  # holds W8A8 layers (SmoothQuantConfig: int8 weights and int8 activations)
 
 
 FORMATS: dict[str, ExportFormat] = {}
 
 
 def export_format(
-    name: str, summary: str, check: Callable[..., None], options: tuple[str, ...] = (), needs_tokenizer: bool = False
+    name: str,
+    summary: str,
+    check: Callable[..., None],
+    options: tuple[str, ...] = (),
+    needs_tokenizer: bool = False,
+    w8a8: bool = False,
 ):
     """Decorator: register `write(model, folder, tokenizer, **options)` as the writer of format `name`."""
 
     def wrap(write: Callable[..., None]) -> Callable[..., None]:
-        FORMATS[name] = ExportFormat(name, summary, check, write, options, needs_tokenizer)
+        FORMATS[name] = ExportFormat(name, summary, check, write, options, needs_tokenizer, w8a8)
         return write
 
     return wrap
@@ -73,7 +80,8 @@ def export(
 ) -> Path:
     """Write `model` (quantized by hf_ptq, or the folder it was saved to) to `out_dir` in `format`.
 
-    Formats: `"compressed-tensors"` (plain transformers and vLLM load it without hf_ptq), `"gptq"` (GPTQ v1
+    Formats: `"compressed-tensors"` (plain transformers and vLLM load it without hf_ptq; the only one that holds
+    W8A8 models of `SmoothQuantConfig`), `"gptq"` (GPTQ v1
     checkpoint: gptqmodel, vLLM, transformers' GPTQ integration) and `"gguf"` (llama.cpp, transformers'
     `gguf_file=`; option `gguf_type="auto" | "q8_0" | "q4_0" | "q4_1"`). See docs/export.md.
 
@@ -103,6 +111,7 @@ def check_export(model: nn.Module, format: str, tokenizer: Any = None, **options
     if unknown:
         allowed = ", ".join(spec.options) or "none"
         raise ValueError(f"export(format={format!r}) got unknown option(s) {unknown}; its options: {allowed}.")
+    _refuse_w8a8(model, spec)
     if tokenizer is None:
         tokenizer = saved_tokenizer(getattr(model, "name_or_path", None))
     elif isinstance(tokenizer, (str, os.PathLike)):
@@ -116,6 +125,18 @@ def check_export(model: nn.Module, format: str, tokenizer: Any = None, **options
         )
     spec.check(model, tokenizer, **options)
     return spec, tokenizer
+
+
+def _refuse_w8a8(model: nn.Module, spec: ExportFormat) -> None:
+    """ValueError naming the formats that hold W8A8 layers when `model` has some and `spec` does not hold them."""
+    if spec.w8a8 or not w8a8_layers(model):
+        return
+    able = ", ".join(f"format={n!r}" for n in format_names() if FORMATS[n].w8a8)
+    raise ValueError(
+        f"export(format={spec.name!r}) writes weight-only quantized models (hf_ptq.PtqConfig: methods "
+        f"{', '.join(weight_only_methods())}); this model has W8A8 layers (SmoothQuantConfig: int8 weights and int8 "
+        f"activations), which {spec.name} cannot describe. Supported for W8A8: {able}."
+    )
 
 
 def _load(path: str | os.PathLike, tokenizer: Any) -> tuple[nn.Module, Any]:
