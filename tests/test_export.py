@@ -117,9 +117,9 @@ def test_layers_the_formats_cannot_hold_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_w8a8_goes_to_compressed_tensors_only(tmp_path: Path) -> None:
+def test_w8a8_goes_to_compressed_tensors_only(hub, tmp_path: Path) -> None:  # noqa: F811
     """gptq and gguf hold weight-only models: a W8A8 model is refused before its tokenizer is looked for or anything
-    is written, naming the format that holds it and the methods they take."""
+    is written (or uploaded), naming the format that holds it and the methods they take."""
     calibration = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     cfg = SmoothQuantConfig(dataset=calibration, num_samples=4, seq_len=16)
     model = hf_ptq.quantize(FAMILIES["llama"].build(), cfg)
@@ -130,4 +130,10 @@ def test_w8a8_goes_to_compressed_tensors_only(tmp_path: Path) -> None:
         assert f"export(format='{fmt}') writes weight-only quantized models" in message
         assert "methods awq, gptq, hqq, int8, rtn" in message
         assert message.endswith("Supported for W8A8: format='compressed-tensors'.")
-    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="has W8A8 layers"):
+        hf_ptq.push_to_hub(model, "me/w8a8-gptq", format="gptq")
+    assert not list(tmp_path.iterdir()) and hub.repos == []
+    hf_ptq.push_to_hub(model, "me/w8a8-ct", format="compressed-tensors")
+    files = hub.files()
+    assert json.loads(files["config.json"])["quantization_config"]["format"] == "int-quantized"
+    assert "smoothquant w8a8" in files["README.md"].decode()
