@@ -9,6 +9,7 @@
 from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
 from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
+from .formats.export import export, format_names
 from .formats.hub import push_to_hub
 from .methods import method_names
 from .nn import QuantLinear, W8A8Linear
@@ -34,6 +35,8 @@ __all__ = [
     "W8A8Linear",
     "compare",
     "evaluate",
+    "export",
+    "format_names",
     "method_names",
     "push_to_hub",
     "quantize",

@@ -1,4 +1,4 @@
-"""`hf-ptq` command line (also `optimum-cli ptq`): quantize, eval, compare, push.
+"""`hf-ptq` command line (also `optimum-cli ptq`): quantize, eval, compare, export, push.
 
 Each subcommand is a module with `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> exit status`;
 `COMMANDS` lists them in help order. Configuration errors print one line and exit with status 2; Ctrl-C exits
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, evaluate, push, quantize
+from . import compare, evaluate, export, push, quantize
 
-# Subcommand modules in help order. `export` (portable formats) is added here as its own module.
-COMMANDS = [quantize, evaluate, compare, push]
+# Subcommand modules in help order.
+COMMANDS = [quantize, evaluate, compare, export, push]
 
 
 def build_parser(prog: str = "hf-ptq") -> argparse.ArgumentParser:

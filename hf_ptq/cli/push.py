@@ -1,4 +1,5 @@
-"""`hf-ptq push DIR REPO [--metrics FILE.json] [--private]`: upload a saved model with hf_ptq's model card."""
+"""`hf-ptq push DIR REPO [--metrics FILE.json] [--private] [--format F]`: upload a saved model (or its export in
+format F) with hf_ptq's model card."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from ..formats.export import format_names
+from ..formats.gguf_file import GGUF_TYPES
+from .export import export_options
 
 NAME = "push"
 HELP = "upload a saved quantized model to the Hub with a model card"
@@ -17,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="FILE", help="JSON of `hf-ptq eval --json`, or a {name: value} dict")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--commit-message", help="commit message (default: names the method)")
+    parser.add_argument(
+        "--format", choices=format_names(), help="upload this export instead of hf_ptq's checkpoint (see `export`)"
+    )
+    parser.add_argument("--gguf-type", default="auto", choices=GGUF_TYPES, help="with --format gguf: the block type")
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
@@ -33,14 +42,16 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 def push_folder(folder: str | Path, repo: str, metrics: dict[str, Any] | None = None, **kwargs: Any):
     """Load the saved model and tokenizer from `folder` and upload them with hf_ptq's model card."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import hf_ptq
+
+    from ..formats.export import saved_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     if getattr(model.config, "quantization_config", None) is None:
         raise ValueError(f"{folder} holds no quantized model (no quantization_config in config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (Path(folder) / "tokenizer_config.json").exists() else None
+    tokenizer = saved_tokenizer(folder)
     info = hf_ptq.push_to_hub(model, repo, metrics=metrics, tokenizer=tokenizer, **kwargs)
     print(f"Pushed {folder} to https://huggingface.co/{repo}")
     return info
@@ -50,5 +61,14 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").exists():
         raise ValueError(f"{args.model} is not a saved model folder (no config.json)")
     metrics = read_metrics(args.metrics) if args.metrics else None
-    push_folder(args.model, args.repo, metrics, private=args.private or None, commit_message=args.commit_message)
+    options = export_options(args) if args.format else {}
+    push_folder(
+        args.model,
+        args.repo,
+        metrics,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        format=args.format,
+        **options,
+    )
     return 0

@@ -1,1 +1,1 @@
-"""On-disk formats: the native (compressed-tensors-named) checkpoint, model cards and Hub uploads."""
+"""On-disk formats: exports to compressed-tensors, GGUF and GPTQ (`export`), model cards and Hub uploads."""

@@ -25,7 +25,12 @@ This model was quantized with [hf_ptq](https://pypi.org/project/hf-ptq/): **{sum
 
 ## How to load
 
-```bash
+{how_to_load}
+{metrics}"""
+
+# How to load each upload: hf_ptq's own checkpoint, or an export (see hf_ptq.export and docs/export.md).
+_HOW_TO_LOAD = {
+    None: """```bash
 pip install hf-ptq
 ```
 
@@ -34,23 +39,65 @@ import hf_ptq  # registers the quantization format with transformers: without it
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{repo_id}")
+```""",
+    "compressed-tensors": """Stored in the compressed-tensors format (no hf_ptq needed):
+
+```bash
+pip install compressed-tensors
 ```
-{metrics}"""
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}")
+```
+
+or serve it with vLLM: `vllm serve {repo_id}`.""",
+    "gptq": """Stored in the GPTQ format (v1 checkpoint: `qweight` / `qzeros` / `scales` / `g_idx`), read by gptqmodel,
+vLLM and transformers' GPTQ integration (which needs gptqmodel):
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}")
+```
+
+or `vllm serve {repo_id}`.""",
+    "gguf": """Stored as GGUF (`{gguf_file}`), for llama.cpp:
+
+```bash
+llama-cli -hf {repo_id}
+```
+
+or transformers (dequantizes while loading; needs `pip install gguf`):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{gguf_file}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", gguf_file="{gguf_file}")
+```""",
+}
 
 
 def _group_text(group_size: int) -> str:
     return {-1: "per-channel (-1)", 0: "per-tensor (0)"}.get(group_size, str(group_size))
 
 
-def build_model_card(model, repo_id: str, metrics: dict[str, Any] | None = None) -> ModelCard:
-    """A `ModelCard` for a model quantized by hf_ptq; `metrics` (name -> value) are listed as measured."""
+def build_model_card(
+    model, repo_id: str, metrics: dict[str, Any] | None = None, format: str | None = None, files: list[str] = ()
+) -> ModelCard:
+    """A `ModelCard` for a model quantized by hf_ptq; `metrics` (name -> value) are listed as measured. `format`: the
+    export uploaded (None: hf_ptq's own checkpoint), whose `files` name the GGUF file."""
     cfg = model.config.quantization_config
     base = getattr(model.config, "_name_or_path", "") or "unknown"
     metric_text = ""
     if metrics:
         rows = "\n".join(f"| {name} | {value} |" for name, value in metrics.items())
         metric_text = f"\n## Measured quality\n\n| metric | value |\n|---|---|\n{rows}\n"
-    data = ModelCardData(library_name="transformers", tags=["hf-ptq", "quantized", f"{cfg.bits}-bit", cfg.method])
+    tags = ["hf-ptq", "quantized", f"{cfg.bits}-bit", cfg.method] + ([format] if format else [])
+    data = ModelCardData(library_name="transformers", tags=tags)
+    gguf_file = next((f for f in files if f.endswith(".gguf")), "model.gguf")
     text = _TEMPLATE.format(
         card_data=data.to_yaml(),
         title=f"{repo_id.split('/')[-1]}",
@@ -62,7 +109,7 @@ def build_model_card(model, repo_id: str, metrics: dict[str, Any] | None = None)
         skipped=", ".join(f"`{m}`" for m in sorted(getattr(model.hf_quantizer, "modules_to_not_convert", []) or []))
         or "none",
         base_model=base,
-        repo_id=repo_id,
+        how_to_load=_HOW_TO_LOAD[format].format(repo_id=repo_id, gguf_file=gguf_file),
         metrics=metric_text,
     )
     return ModelCard(text)

@@ -1,0 +1,52 @@
+"""`hf-ptq export DIR --format gguf|compressed-tensors|gptq [--out OUT]`: write a saved model in another format.
+
+Loads the folder written by `hf-ptq quantize` (or `save_pretrained`) with hf_ptq, checks that the format can hold it
+(before anything is written), and writes the export to a staging folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..formats.export import format_names
+from ..formats.gguf_file import GGUF_TYPES
+
+NAME = "export"
+HELP = "write a saved quantized model as compressed-tensors, GGUF or GPTQ (for vLLM, llama.cpp, ...)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="DIR", help="folder written by `hf-ptq quantize` or save_pretrained")
+    parser.add_argument("--format", required=True, choices=format_names(), help="export format")
+    parser.add_argument("--out", help="output folder (default: DIR-<format>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--gguf-type", default="auto", choices=GGUF_TYPES, help="GGUF block type (default auto: the exact fit)"
+    )
+    parser.add_argument("--tokenizer", metavar="NAME", help="tokenizer folder or Hub id (default: the one in DIR)")
+
+
+def export_options(args: argparse.Namespace) -> dict:
+    """The `export` keyword options of the chosen format from the flags."""
+    return {"gguf_type": args.gguf_type} if args.format == "gguf" else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    import hf_ptq
+    from hf_ptq.files import check_output_folder
+
+    if not (Path(args.model) / "config.json").exists():
+        raise ValueError(f"{args.model} is not a saved model folder (no config.json)")
+    out = check_output_folder(args.out or f"{str(args.model).rstrip('/')}-{args.format}", args.overwrite, "--out")
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    folder = hf_ptq.export(
+        args.model, out, args.format, tokenizer=tokenizer, overwrite=args.overwrite, **export_options(args)
+    )
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    print(f"Exported {args.model} as {args.format} -> {folder} ({files})")
+    return 0
