@@ -178,6 +178,17 @@ LLAMA_BLOCK1_ON_DISK = {
 }
 
 
+def load_with_block1_on_disk(folder: Path, config) -> torch.nn.Module:
+    """The tiny fp32 Llama saved in `folder`, quantized with `config` while accelerate keeps block 1 on disk."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=config,
+        device_map=LLAMA_BLOCK1_ON_DISK,
+        offload_folder=str(folder.parent / "offload"),
+        dtype=torch.float32,
+    )
+
+
 def rtn_w4() -> hf_ptq.PtqConfig:
     return hf_ptq.PtqConfig(method="rtn", bits=4, group_size=32, sym=False)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, LLAMA_BLOCK1_ON_DISK, VOCAB, assert_same_model, input_ids, model_output, rel_err
+from conftest import FAMILIES, VOCAB, assert_same_model, input_ids, load_with_block1_on_disk, model_output, rel_err
 from transformers.pytorch_utils import Conv1D
 
 import hf_ptq
@@ -73,24 +73,10 @@ def test_folding_leaves_float_outputs_unchanged(family_name: str) -> None:
 
 def test_value_to_output_fold_without_grouped_query_attention() -> None:
     """With as many kv heads as heads, v_proj's rows take o_proj's scale (Phi-3: the v part of its fused qkv)."""
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
     for config in (
-        transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=VOCAB,
-        ),
-        transformers.Phi3Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=VOCAB,
-            pad_token_id=0,
-        ),
+        transformers.LlamaConfig(num_key_value_heads=4, **shape),
+        transformers.Phi3Config(num_key_value_heads=4, pad_token_id=0, **shape),
     ):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -275,13 +261,7 @@ def test_awq_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = awq_config(compute_dtype="float32")
-    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "float",
-        quantization_config=cfg,
-        device_map=LLAMA_BLOCK1_ON_DISK,
-        offload_folder=str(tmp_path / "offload"),
-        dtype=torch.float32,
-    )
+    offloaded = load_with_block1_on_disk(tmp_path / "float", cfg)
     plain = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "float", quantization_config=cfg, dtype=torch.float32
     )
