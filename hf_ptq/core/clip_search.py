@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import compute_qparams, qrange
+from .quant import compute_qparams, fake_quantize
 
 
 def clipped_qparams(
@@ -30,18 +30,10 @@ def clipped_qparams(
     Factor 1 (plain min/max) is always a candidate and wins ties, so the result is never worse than min/max on
     this objective. All candidates are evaluated at once ([steps + 1, rows, n] temporaries).
     """
-    qmin, qmax = qrange(bits)
     factors = 1.0 - (1.0 - min_shrink) * torch.arange(steps + 1, device=w.device, dtype=torch.float32) / steps
     lo, hi = w.amin(1) * factors[:, None], w.amax(1) * factors[:, None]  # [candidates, rows]
     scale, zero = compute_qparams(lo, hi, bits, sym, scale_dtype)
-    s = scale[:, :, None]
-    q = torch.round(w / s)
-    if zero is not None:
-        z = zero.float()[:, :, None]
-        q = q.add_(z).clamp_(qmin, qmax).sub_(z)
-    else:
-        q = q.clamp_(qmin, qmax)
-    diff = w - q.mul_(s)  # [candidates, rows, n]
+    diff = w - fake_quantize(w, scale[:, :, None], None if zero is None else zero[:, :, None], bits)  # [cand, rows, n]
     if importance is not None and importance.ndim == 2:
         err = ((diff @ importance) * diff).sum(2)
     else:

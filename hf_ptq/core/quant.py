@@ -142,6 +142,19 @@ def quantize_with(
     return torch.clamp(q, qmin, qmax).to(torch.int8).reshape(w.shape)
 
 
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The values `quantize_with` + `dequantize` give, in fp32, without the integer tensors: w (fp32) rounded onto
+    the grid of `scale` / `zero_point` (each broadcastable to w). For range and scale searches over candidates."""
+    qmin, qmax = qrange(bits)
+    q = torch.round(w / scale)
+    if zero_point is not None:
+        z = zero_point.float()
+        q = q.add_(z).clamp_(qmin, qmax).sub_(z)
+    else:
+        q = q.clamp_(qmin, qmax)
+    return q.mul_(scale)
+
+
 def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The fp32 value of `scale` once stored in `dtype` (kept > 0), so rounding uses the scale that is saved."""
     return scale.to(dtype).clamp(min=torch.finfo(dtype).tiny).float()

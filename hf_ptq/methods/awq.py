@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.clip_search import clipped_qparams
-from ..core.quant import QuantizedWeight, compute_qparams, qrange, quantize, quantize_with
+from ..core.quant import QuantizedWeight, compute_qparams, fake_quantize, quantize, quantize_with
 from . import register_method
 from .gptq import GPTQ
 
@@ -82,14 +82,8 @@ def _rounded(weight: torch.Tensor, s: torch.Tensor, config: PtqConfig, dtype: to
     members = {0: out_f * in_f, -1: in_f}.get(config.group_size, config.group_size)
     grouped = (weight * s).to(dtype).float().reshape(-1, members)
     scale, zero = compute_qparams(grouped.amin(1), grouped.amax(1), config.bits, config.sym, dtype)
-    qmin, qmax = qrange(config.bits)
-    q = torch.round(grouped / scale[:, None])
-    if zero is not None:
-        z = zero.float()[:, None]
-        q = q.add_(z).clamp_(qmin, qmax).sub_(z)
-    else:
-        q = q.clamp_(qmin, qmax)
-    return q.mul_(scale[:, None]).reshape(out_f, in_f).div_(s)
+    approx = fake_quantize(grouped, scale[:, None], None if zero is None else zero[:, None], config.bits)
+    return approx.reshape(out_f, in_f).div_(s)
 
 
 def _weight_profile(weight: torch.Tensor, group_size: int) -> torch.Tensor:
