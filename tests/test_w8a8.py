@@ -8,7 +8,7 @@ import torch
 
 from hf_ptq import kernels
 from hf_ptq.core.quant import W8A8Weight, quantize
-from hf_ptq.kernels import w8a8
+from hf_ptq.kernels import native, w8a8
 from hf_ptq.nn import W8A8Linear
 
 FP32_EPS = 2.0**-24
@@ -175,3 +175,103 @@ def test_cached_scales_follow_to() -> None:
     layer.to(torch.float32)  # scales and bias become fp32: the cached fp32 / bf16 scales are rebuilt
     assert layer.weight.dtype == torch.int8  # `.to(dtype)` leaves the integer buffers alone
     assert torch.allclose(layer(x), before, rtol=1e-6, atol=1e-6)
+
+
+# --- the CPU fast path: C loops, reusable temporaries, row chunks -------------------------------------------------
+
+
+def c_kernels_available() -> bool:
+    """On a Linux machine with a C compiler the C kernels must build (CI has one): not a silent skip."""
+    import shutil
+    import sys
+
+    if not sys.platform.startswith("linux") or not (shutil.which("cc") or shutil.which("gcc")):
+        return False
+    assert native.load("w8a8_cpu.c") is not None, "a C compiler is installed but w8a8_cpu.c did not build"
+    return True
+
+
+def w8a8_both_ways(x, layer, out_dtype, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_w8a8` through the C kernels, then through the torch ops."""
+    with_c = layer._w8a8(x, out_dtype)
+    monkeypatch.setenv("HF_PTQ_NATIVE_KERNELS", "0")
+    with_torch = layer._w8a8(x, out_dtype)
+    monkeypatch.delenv("HF_PTQ_NATIVE_KERNELS")
+    return with_c, with_torch
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_c_kernels_give_the_bits_of_the_torch_ops(static, bias, x_dtype, out_dtype, monkeypatch) -> None:
+    """Same quantized activations (ties to even included), same fp32 rescale, same final rounding."""
+    if not c_kernels_available():
+        pytest.skip("no C compiler on this machine")
+    layer = make_layer(in_f=200, out_f=72, static=static, bias=bias)
+    wide = activations(300, in_f=400, dtype=x_dtype)
+    wide[7] = 0  # a row of zeros
+    wide[9, :200] = (torch.arange(200) - 100 + 0.5) / 8  # max 15.875, so 127 / max = 8: every x * 8 is a tie
+    wide[9, 0] = 15.875
+    wide[11, 5] = 1e4  # far beyond the static scale's range: saturates
+    x = wide[:, :200]  # rows 400 elements apart: the C loop takes the row stride
+    with_c, with_torch = w8a8_both_ways(x, layer, out_dtype, monkeypatch)
+    assert with_c.dtype == out_dtype
+    assert torch.equal(with_c, with_torch)
+    if not static:  # the ties went to the even integer
+        q, _ = w8a8.quantize_per_token(x[9:10])
+        assert torch.equal(q[0, 1:5], torch.tensor([-98, -98, -96, -96], dtype=torch.int8))
+    assert torch.allclose(with_c.float(), layer.forward_reference(x), rtol=1e-2, atol=1e-2)
+
+
+def test_c_quantization_equals_quantize_per_token() -> None:
+    if not c_kernels_available():
+        pytest.skip("no C compiler on this machine")
+    x = activations(64, in_f=576, dtype=torch.bfloat16)
+    kernels_c = w8a8._c_kernels(torch.bfloat16, torch.bfloat16)
+    q, scale = kernels_c.quantize(x, None, w8a8.Workspace())
+    ref_q, ref_scale = w8a8.quantize_per_token(x)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize("native_kernels", ["1", "0"])
+def test_rows_in_chunks_give_the_one_chunk_result(native_kernels, monkeypatch) -> None:
+    monkeypatch.setenv("HF_PTQ_NATIVE_KERNELS", native_kernels)
+    layer = make_layer()
+    x = activations(100, dtype=torch.bfloat16)
+    whole = layer(x)
+    monkeypatch.setattr(w8a8, "WORKSPACE_ELEMENTS", 7 * 96)  # chunks of 7 rows, the last one of 2
+    assert torch.equal(layer(x), whole)
+
+
+def test_workspace_is_reused_across_modes_and_threads() -> None:
+    """Temporaries made under inference_mode serve calls outside it (and with grad on); threads get their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer = make_layer()
+    x = activations(64)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    assert torch.equal(layer(x.clone().requires_grad_()), first)
+    inputs = [activations(64, seed=s) for s in range(8)]
+    expected = [layer(v) for v in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(layer, inputs * 4))
+    assert all(torch.equal(g, expected[i % 8]) for i, g in enumerate(got))
+
+
+def test_load_state_dict_refreshes_the_cached_scales() -> None:
+    layer, other = make_layer(seed=0), make_layer(seed=5)
+    x = activations(32)
+    layer(x)  # caches fp32 scales and bias
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+
+
+def test_native_load_reports_a_missing_compiler(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level("INFO", logger=native.__name__):
+        assert native.load.__wrapped__("w8a8_cpu.c") is None
+    assert "could not build w8a8_cpu.c with /nonexistent/cc" in caplog.text

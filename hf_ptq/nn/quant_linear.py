@@ -296,6 +296,10 @@ class QuantLinear(nn.Module):
         self.invalidate_caches()  # kernel layouts and plans follow the buffers' device and dtype
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.invalidate_caches()  # load_state_dict copies new values into the buffers
+        super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
         gran = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"group_size={self.group_size}")
         return (

@@ -96,27 +96,28 @@ class W8A8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= w8a8.weight_only_max_rows() and w8a8.int_mm_supported(x2.device):
             y = kernels.int8_matmul(_bf16_rows(x2), self.weight, self._scale("weight", torch.bfloat16))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:
-            y = self._w8a8(x2)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            y = self._w8a8(x2, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
         """The W8A8 computation (quantized activations, int8 matmul) whatever the number of rows, fp32 out."""
-        y = self._w8a8(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._w8a8(x.reshape(-1, self.in_features), torch.float32).reshape(*x.shape[:-1], self.out_features)
 
-    def _w8a8(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [rows, in] -> fp32 [rows, out] without bias: `torch._int_mm` on CPU / CUDA, fp32 matmuls elsewhere."""
+    def _w8a8(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x2 [rows, in] -> [rows, out] in `out_dtype`, bias included (added in fp32, one final rounding):
+        `torch._int_mm` on CPU / CUDA, fp32 matmuls elsewhere."""
+        bias = self._scale("bias", torch.float32) if self.bias is not None else None
         if not w8a8.int_mm_supported(x2.device):
             q, scale = self.quantize_input(x2)
-            return (q.float() @ self.weight.float().t()).mul_(scale).mul_(self.weight_scale.float().reshape(1, -1))
+            y = (q.float() @ self.weight.float().t()).mul_(scale).mul_(self.weight_scale.float().reshape(1, -1))
+            return (y if bias is None else y.add_(bias)).to(out_dtype)
         input_scale = self._scale("input", torch.float32) if self.static else None
-        return w8a8.w8a8_matmul(x2, self.weight, self._scale("weight", torch.float32), input_scale)
+        weight_scale = self._scale("weight", torch.float32)
+        return w8a8.w8a8_matmul(x2, self.weight, weight_scale, input_scale, out_dtype, bias)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The W8A8 computation in float64 from the stored integers and scales, fp32 out: what the int8 path is
@@ -137,18 +138,22 @@ class W8A8Linear(nn.Module):
         return w8a8.quantize_per_token(x2)
 
     def _scale(self, which: str, dtype: torch.dtype) -> torch.Tensor:
-        """`weight_scale` as [out] or `input_scale` as [1] in `dtype` (contiguous, on the buffers' device), cached
-        until the buffers change."""
+        """`weight_scale` as [out], `input_scale` as [1] or `bias` as [out] in `dtype` (contiguous, on the
+        buffers' device), cached until the buffers change (`invalidate_caches`)."""
         key = (which, dtype)
         cached = self._scales.get(key)
         if cached is None:
-            source = self.weight_scale.reshape(-1) if which == "weight" else self.input_scale
-            cached = self._scales[key] = source.to(dtype).contiguous()
+            source = {"weight": self.weight_scale.reshape(-1), "input": self.input_scale, "bias": self.bias}[which]
+            cached = self._scales[key] = source.detach().to(dtype).contiguous()
         return cached
 
     def _apply(self, fn, recurse: bool = True):
         self.invalidate_caches()  # cached scales follow the buffers' device and dtype
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.invalidate_caches()  # load_state_dict copies new values into the buffers
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         acts = "static per-tensor" if self.static else "dynamic per-token"
