@@ -6,8 +6,10 @@
 For each shape (out x in) and row count it times, best of `--rounds` rounds of `--calls` calls each:
 - bf16: `F.linear` of bf16 activations and a bf16 weight (what the unquantized model runs);
 - weight-only: `torch.ops.aten._weight_int8pack_mm`, int8 weight x bf16 activations (W8A8Linear's few-row path);
-- w8a8: per-token int8 quantization of the activations + `torch._int_mm` + rescale (W8A8Linear's many-row path);
-- w8a8 static: the same with a fixed per-tensor activation scale.
+- w8a8: per-token int8 quantization of the activations + `torch._int_mm` + rescale to bf16 (W8A8Linear's many-row
+  path), with the quantization and rescale as C loops (hf_ptq/kernels/w8a8_cpu.c);
+- w8a8 torch ops: the same computation with them as torch ops (`HF_PTQ_NATIVE_KERNELS=0`, the fallback);
+- w8a8 static: the C path with a fixed per-tensor activation scale.
 W8A8Linear sends calls of up to `hf_ptq.kernels.w8a8.WEIGHT_ONLY_MAX_ROWS` rows to the weight-only path; the
 crossover printed at the end is where the w8a8 path becomes faster, summed over the shapes of one decoder block
 (q, k, v, o, gate, up, down). Rounds during which other processes used more than 0.25 cores are repeated.
@@ -16,6 +18,7 @@ crossover printed at the end is where the w8a8 path becomes faster, summed over 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from hf_ptq.nn import W8A8Linear  # noqa: E402
 
 # SmolLM2-135M: q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536 (out x in), counted per block
 BLOCK = {"576x576": 2, "192x576": 2, "1536x576": 2, "576x1536": 1}
-PATHS = ("bf16", "weight-only", "w8a8", "w8a8 static")
+PATHS = ("bf16", "weight-only", "w8a8", "w8a8 torch ops", "w8a8 static")
 
 
 def layer(out_f: int, in_f: int, static: bool) -> W8A8Linear:
@@ -71,9 +74,18 @@ def measure(shape: str, rows: int, calls: int, rounds: int) -> dict[str, tuple[f
     return {
         "bf16": best_us(lambda: F.linear(x, w_bf16), calls, rounds),
         "weight-only": best_us(lambda: int8_matmul(x, dynamic.weight, scale_bf16), calls, rounds),
-        "w8a8": best_us(lambda: dynamic.forward_w8a8(x).bfloat16(), calls, rounds),
-        "w8a8 static": best_us(lambda: static.forward_w8a8(x).bfloat16(), calls, rounds),
+        "w8a8": best_us(lambda: dynamic._w8a8(x, torch.bfloat16), calls, rounds),
+        "w8a8 torch ops": best_us(lambda: _without_c_kernels(dynamic._w8a8, x), calls, rounds),
+        "w8a8 static": best_us(lambda: static._w8a8(x, torch.bfloat16), calls, rounds),
     }
+
+
+def _without_c_kernels(w8a8_call, x: torch.Tensor) -> torch.Tensor:
+    os.environ["HF_PTQ_NATIVE_KERNELS"] = "0"
+    try:
+        return w8a8_call(x, torch.bfloat16)
+    finally:
+        del os.environ["HF_PTQ_NATIVE_KERNELS"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def test_kernel_path_equals_reference_within_int32_exactness(static: bool, dtype
     # the reference from first principles: integer activations and weights, scales, bias
     if static:
         scale = layer.input_scale.float()  # 0.02 as stored in bf16
-        q = torch.clamp(torch.round(x.float() / scale), -127, 127)
+        q = torch.clamp(torch.round(x.float() * (1 / scale)), -127, 127)
     else:
         q, scale = reference_per_token(x)
     product = (q.double() @ layer.weight.double().t()) * scale.double() * layer.weight_scale.double().t()

@@ -60,10 +60,11 @@ def quantize_per_token(x: torch.Tensor, workspace: Workspace | None = None) -> t
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """q int8 [rows, in] with `x ≈ q * scale` for x [rows, in] and a fixed fp32 scale [1]:
-    `q = clamp(round_half_even(x / scale), -127, 127)` (values beyond 127 * scale saturate)."""
+    `q = clamp(round_half_even(x * (1 / scale)), -127, 127)` (values beyond 127 * scale saturate; a product, not a
+    division, as the C loop computes it: 2x faster there)."""
     xf = _buffer(workspace, "x", x, torch.float32)
     xf.copy_(x)
-    return _to_int8(xf.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX), workspace)
+    return _to_int8(xf.mul_(torch.reciprocal(scale)).round_().clamp_(-INT8_MAX, INT8_MAX), workspace)
 
 
 def _to_int8(values: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
@@ -117,20 +118,18 @@ def w8a8_matmul(
     step = max(1, WORKSPACE_ELEMENTS // max(x.shape[1], out))
     workspace = _thread_workspace()
     c = _c_kernels(x.dtype, out_dtype)
-    with torch.no_grad():  # the temporaries are reused across calls; keep them out of any autograd graph
-        for start in range(0, rows, step):
-            chunk, y_chunk = x[start : start + step], y[start : start + step]
-            if c is None:
+    for start in range(0, rows, step):
+        chunk, y_chunk = (x, y) if step >= rows else (x[start : start + step], y[start : start + step])
+        if c is None:
+            with torch.no_grad():  # the temporaries are reused across calls; keep them out of any autograd graph
                 q, scale = _quantize(chunk, input_scale, workspace)
-            else:
-                q, scale = c.quantize(chunk, input_scale, workspace)
+                acc = torch._int_mm(q, weight.t(), out=workspace.take("i32", (q.shape[0], out), torch.int32))
+                rescaled = workspace.take("f32", acc.shape, torch.float32).copy_(acc)
+                y_chunk.copy_(_rescale(rescaled, scale, weight_scale, bias))
+        else:
+            q, scale = c.quantize(chunk, input_scale, workspace)
             acc = torch._int_mm(q, weight.t(), out=workspace.take("i32", (q.shape[0], out), torch.int32))
-            if c is None:
-                y_chunk.copy_(
-                    _rescale(workspace.take("f32", acc.shape, torch.float32).copy_(acc), scale, weight_scale, bias)
-                )
-            else:
-                c.rescale(acc, scale, weight_scale, bias, y_chunk)
+            c.rescale(acc, scale, weight_scale, bias, y_chunk)
     return y
 
 
@@ -178,7 +177,7 @@ class _CKernels:
             scale = float(input_scale)
             self._per_tensor(x.data_ptr(), rows, cols, x.stride(0), scale, q.data_ptr(), torch.get_num_threads())
             return q, input_scale
-        scale = torch.empty(rows, 1)
+        scale = workspace.take("scale", (rows, 1), torch.float32)
         self._per_token(x.data_ptr(), rows, cols, x.stride(0), q.data_ptr(), scale.data_ptr(), torch.get_num_threads())
         return q, scale
 
@@ -236,16 +235,25 @@ class Workspace(threading.local):
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.views: dict[tuple, torch.Tensor] = {}  # the views handed out, by (name, dtype, shape): fewer ops
 
     def take(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """A contiguous tensor of `shape` and `dtype` (uninitialized) over buffer `name`; valid until the next
         `take` of the same name and dtype."""
+        key = (name, dtype, tuple(shape))
+        view = self.views.get(key)
+        if view is not None:
+            return view
         n = math.prod(shape)
-        buffer = self.buffers.get((name, dtype))
-        if buffer is None or buffer.numel() < n:
-            with torch.inference_mode(False):  # a normal tensor, so in-place use is allowed in and out of it
+        with torch.inference_mode(False):  # normal tensors, so in-place use is allowed in and out of it
+            buffer = self.buffers.get((name, dtype))
+            if buffer is None or buffer.numel() < n:
                 buffer = self.buffers[(name, dtype)] = torch.empty(n, dtype=dtype)
-        return buffer[:n].view(shape)
+                self.views = {k: v for k, v in self.views.items() if k[:2] != (name, dtype)}
+            if len(self.views) >= 256:  # many prompt lengths: start over rather than grow
+                self.views.clear()
+            view = self.views[key] = buffer[:n].view(shape)
+        return view
 
 
 _WORKSPACE = Workspace()
@@ -258,6 +266,7 @@ def _thread_workspace() -> Workspace:
 def release_workspace() -> None:
     """Free this thread's W8A8 temporaries (they are allocated again by the next W8A8 call)."""
     _WORKSPACE.buffers.clear()
+    _WORKSPACE.views.clear()
 
 
 def _buffer(workspace: Workspace | None, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

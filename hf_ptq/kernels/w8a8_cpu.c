@@ -2,7 +2,7 @@
  *
  * quantize_*: activations x [rows, cols] (row stride ld elements, bf16 or fp32) -> int8 q [rows, cols] and the
  *   activation scale; per token: scale[r] = max|x[r]| / 127 and q = round_half_even(x * (127 / max|x[r]|));
- *   per tensor: q = round_half_even(clamp(x / scale, -127, 127)).
+ *   per tensor: q = round_half_even(clamp(x * (1 / scale), -127, 127)).
  * rescale_*: int32 acc [rows, cols] -> y = (float(acc) * sx[r]) * sw[c] (+ bias[c]), fp32 or bf16
  *   (round to nearest even).
  * Every operation is the fp32 operation torch performs on the same path (hf_ptq/kernels/w8a8.py), in the same
@@ -65,12 +65,13 @@ static inline float round_half_even(float v) { return (v + 12582912.0f) - 125829
                                                                                                                 \
     void quantize_per_tensor_##NAME(const T* x, int64_t rows, int64_t cols, int64_t ld, float scale, int8_t* q, \
                                     int nthreads) {                                                             \
+        const float inverse = 1.0f / scale;                                                                     \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (rows * cols >= PARALLEL_MIN_ELEMENTS)") \
         for (int64_t r = 0; r < rows; ++r) {                                                                    \
             const T* xr = x + r * ld;                                                                           \
             int8_t* qr = q + r * cols;                                                                          \
             for (int64_t c = 0; c < cols; ++c) {                                                                \
-                float v = LOAD(xr[c]) / scale;                                                                  \
+                float v = LOAD(xr[c]) * inverse;                                                                \
                 v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);                                          \
                 qr[c] = (int8_t)(int32_t)round_half_even(v);                                                    \
             }                                                                                                   \
