@@ -10,7 +10,7 @@ For each shape (out x in) and row count it times, best of `--rounds` rounds of `
   path), with the quantization and rescale as C loops (hf_ptq/kernels/w8a8_cpu.c);
 - w8a8 torch ops: the same computation with them as torch ops (`HF_PTQ_NATIVE_KERNELS=0`, the fallback);
 - w8a8 static: the C path with a fixed per-tensor activation scale.
-W8A8Linear sends calls of up to `hf_ptq.kernels.w8a8.WEIGHT_ONLY_MAX_ROWS` rows to the weight-only path; the
+W8A8Linear sends calls of up to `hf_ptq.kernels.w8a8.weight_only_max_rows(x)` rows to the weight-only path; the
 crossover printed at the end is where the w8a8 path becomes faster, summed over the shapes of one decoder block
 (q, k, v, o, gate, up, down). Rounds during which other processes used more than 0.25 cores are repeated.
 """

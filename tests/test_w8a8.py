@@ -88,7 +88,7 @@ def test_kernel_path_equals_reference_within_int32_exactness(static: bool, dtype
     reference is the fp32 rescaling (two products) and the final rounding to the input's dtype."""
     layer = make_layer(static=static)
     x = activations(48, dtype=dtype)
-    assert x.shape[0] > w8a8.weight_only_max_rows()
+    assert x.shape[0] > w8a8.weight_only_max_rows(x)
     y = layer(x)
     ref = layer.forward_reference(x)
     # the reference from first principles: integer activations and weights, scales, bias
@@ -108,7 +108,7 @@ def test_kernel_path_equals_reference_within_int32_exactness(static: bool, dtype
 
 
 def test_few_rows_use_the_weight_only_kernel_with_bf16_activations() -> None:
-    """Up to `weight_only_max_rows()` rows: int8 weights x bf16 activations (not quantized), fp32 accumulation."""
+    """Up to `weight_only_max_rows(x)` rows: int8 weights x bf16 activations (not quantized), fp32 accumulation."""
     layer = make_layer()
     x = activations(2, dtype=torch.bfloat16)
     y = layer(x)

@@ -26,19 +26,26 @@ from . import native
 INT8_MAX = qrange(8)[1]  # activations use the symmetric range [-127, 127]
 
 # Up to this many rows a W8A8 layer runs the int8 weight-only kernel (bf16 activations, not quantized); more rows
-# quantize the activations and run `torch._int_mm`. Crossover measured on a 2-core AMD EPYC (Zen 5, AVX512-VNNI
-# and AVX512-BF16) for SmolLM2's layer shapes (576x576, 1536x576, 576x1536); see docs/smoothquant.md.
-WEIGHT_ONLY_MAX_ROWS = 16
+# quantize the activations and run `torch._int_mm`. Crossovers measured on a 2-core AMD EPYC (Zen 5, AVX512-VNNI
+# and AVX512-BF16) for SmolLM2's layer shapes (576x576, 1536x576, 576x1536), per decoder block: between 4 and 6 rows
+# with the C quantization / rescale loops, about 16 with them as torch ops (and on CUDA, unmeasured there: its
+# `_int_mm` needs more than 16 rows anyway); see docs/smoothquant.md.
+WEIGHT_ONLY_MAX_ROWS = 4
+WEIGHT_ONLY_MAX_ROWS_TORCH_OPS = 16
 # `torch._int_mm` on CUDA needs more than 16 rows and inner / outer sizes that are multiples of 8.
 _CUDA_MIN_ROWS = 17
 _CUDA_MULTIPLE = 8
 
 
-def weight_only_max_rows() -> int:
-    """Most rows a W8A8 layer sends through the weight-only kernel; `HF_PTQ_KERNEL_MAX_ROWS` overrides it
-    (0: every call quantizes its activations)."""
+def weight_only_max_rows(x: torch.Tensor) -> int:
+    """Most rows a W8A8 layer sends through the weight-only kernel for activations like x;
+    `HF_PTQ_KERNEL_MAX_ROWS` overrides it (0: every call quantizes its activations)."""
     override = kernels.KERNEL_MAX_ROWS
-    return WEIGHT_ONLY_MAX_ROWS if override is None else override
+    if override is not None:
+        return override
+    if x.device.type == "cpu" and _c_kernels(x.dtype, x.dtype) is not None:
+        return WEIGHT_ONLY_MAX_ROWS
+    return WEIGHT_ONLY_MAX_ROWS_TORCH_OPS
 
 
 def int_mm_supported(device: torch.device) -> bool:

@@ -8,9 +8,9 @@ a symmetric scale per output channel; int8 activations, dynamic per token or sta
     input_scale    [1], in the model's dtype; static activation scales only
     bias           [out], when the Linear had one
 Forward, by the number of rows (tokens x batch) of the call, on CPU and CUDA:
-- more than `weight_only_max_rows()` (prefill, batches): the activations are quantized to int8 (per token, or with
-  `input_scale`), `torch._int_mm` multiplies them by the int8 weight with int32 accumulation, and the result is
-  rescaled in fp32: the W8A8 computation.
+- more than `weight_only_max_rows(x)` (4 on CPU, 16 without the C kernels or on CUDA; prefill, batches): the
+  activations are quantized to int8 (per token, or with `input_scale`), `torch._int_mm` multiplies them by the
+  int8 weight with int32 accumulation, and the result is rescaled in fp32: the W8A8 computation.
 - up to that many rows (decoding): the int8 weight-only kernel runs with bf16 activations, which are *not*
   quantized: int8 weights, bf16 activations (W8A16), faster for one row and at least as accurate.
 On other devices the W8A8 computation runs with fp32 matmuls of the same integers.
@@ -94,7 +94,7 @@ class W8A8Linear(nn.Module):
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= w8a8.weight_only_max_rows() and w8a8.int_mm_supported(x2.device):
+        if x2.shape[0] <= w8a8.weight_only_max_rows(x2) and w8a8.int_mm_supported(x2.device):
             y = kernels.int8_matmul(_bf16_rows(x2), self.weight, self._scale("weight", torch.bfloat16))
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
