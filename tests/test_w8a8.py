@@ -275,3 +275,13 @@ def test_native_load_reports_a_missing_compiler(monkeypatch, caplog) -> None:
     with caplog.at_level("INFO", logger=native.__name__):
         assert native.load.__wrapped__("w8a8_cpu.c") is None
     assert "could not build w8a8_cpu.c with /nonexistent/cc" in caplog.text
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_devices_without_int_mm_compute_the_same_with_float_matmuls(static, monkeypatch) -> None:
+    """Where `torch._int_mm` is missing, fp32 matmuls of the same integers (exact below 2^24) give the same result."""
+    layer = make_layer(static=static)
+    x = activations(40)
+    with_int_mm = layer(x)
+    monkeypatch.setattr(w8a8, "int_mm_supported", lambda device: False)
+    assert torch.equal(layer(x), with_int_mm)

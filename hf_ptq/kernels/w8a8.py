@@ -119,24 +119,24 @@ def w8a8_matmul(
     (`w8a8_cpu.c`) for bf16 / fp32 activations and outputs, with the same bits as the torch ops."""
     if x.device.type != "cpu":
         q, scale = _quantize(x, input_scale, None)
-        return _rescale(int8_mm(q, weight), scale, weight_scale, bias).to(out_dtype)
+        return rescale(int8_mm(q, weight), scale, weight_scale, bias).to(out_dtype)
     rows, out = x.shape[0], weight.shape[0]
     y = torch.empty(rows, out, dtype=out_dtype)
     step = max(1, WORKSPACE_ELEMENTS // max(x.shape[1], out))
-    workspace = _thread_workspace()
+    workspace = _WORKSPACE
     c = _c_kernels(x.dtype, out_dtype)
-    for start in range(0, rows, step):
-        chunk, y_chunk = (x, y) if step >= rows else (x[start : start + step], y[start : start + step])
-        if c is None:
-            with torch.no_grad():  # the temporaries are reused across calls; keep them out of any autograd graph
-                q, scale = _quantize(chunk, input_scale, workspace)
-                acc = torch._int_mm(q, weight.t(), out=workspace.take("i32", (q.shape[0], out), torch.int32))
-                rescaled = workspace.take("f32", acc.shape, torch.float32).copy_(acc)
-                y_chunk.copy_(_rescale(rescaled, scale, weight_scale, bias))
-        else:
-            q, scale = c.quantize(chunk, input_scale, workspace)
+    with torch.no_grad():  # the temporaries are reused across calls; keep them out of any autograd graph
+        for start in range(0, rows, step):
+            chunk, y_chunk = (x, y) if step >= rows else (x[start : start + step], y[start : start + step])
+            q, scale = (
+                _quantize(chunk, input_scale, workspace) if c is None else c.quantize(chunk, input_scale, workspace)
+            )
             acc = torch._int_mm(q, weight.t(), out=workspace.take("i32", (q.shape[0], out), torch.int32))
-            c.rescale(acc, scale, weight_scale, bias, y_chunk)
+            if c is None:
+                rescaled = workspace.take("f32", acc.shape, torch.float32).copy_(acc)
+                y_chunk.copy_(rescale(rescaled, scale, weight_scale, bias))
+            else:
+                c.rescale(acc, scale, weight_scale, bias, y_chunk)
     return y
 
 
@@ -148,10 +148,11 @@ def _quantize(
     return quantize_per_tensor(x, input_scale, workspace), input_scale
 
 
-def _rescale(
+def rescale(
     acc: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """fp32 [rows, out] = acc * scale * weight_scale (+ bias), in place when acc is already fp32."""
+    """fp32 [rows, out] = acc [rows, out] * scale [rows, 1] or [1] * weight_scale [out] (+ bias [out]), in place
+    when acc is already fp32: the W8A8 rescale of an int32 (or integral float) product."""
     y = acc.float().mul_(scale).mul_(weight_scale)
     return y if bias is None else y.add_(bias)
 
@@ -196,7 +197,7 @@ class _CKernels:
         bias: torch.Tensor | None,
         out: torch.Tensor,
     ) -> None:
-        """out[:] = `_rescale(acc, scale, weight_scale, bias)` rounded to out's dtype; scale fp32 [rows, 1] or
+        """out[:] = `rescale(acc, scale, weight_scale, bias)` rounded to out's dtype; scale fp32 [rows, 1] or
         [1], weight_scale and bias contiguous fp32 [out]."""
         rows, cols = acc.shape
         sx_stride = 1 if scale.numel() > 1 else 0
@@ -263,11 +264,7 @@ class Workspace(threading.local):
         return view
 
 
-_WORKSPACE = Workspace()
-
-
-def _thread_workspace() -> Workspace:
-    return _WORKSPACE
+_WORKSPACE = Workspace()  # a threading.local: each thread sees its own buffers
 
 
 def release_workspace() -> None:

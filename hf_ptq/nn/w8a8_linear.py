@@ -111,12 +111,11 @@ class W8A8Linear(nn.Module):
         """x2 [rows, in] -> [rows, out] in `out_dtype`, bias included (added in fp32, one final rounding):
         `torch._int_mm` on CPU / CUDA, fp32 matmuls elsewhere."""
         bias = self._scale("bias", torch.float32) if self.bias is not None else None
+        weight_scale = self._scale("weight", torch.float32)
         if not w8a8.int_mm_supported(x2.device):
             q, scale = self.quantize_input(x2)
-            y = (q.float() @ self.weight.float().t()).mul_(scale).mul_(self.weight_scale.float().reshape(1, -1))
-            return (y if bias is None else y.add_(bias)).to(out_dtype)
+            return w8a8.rescale(q.float() @ self.weight.float().t(), scale, weight_scale, bias).to(out_dtype)
         input_scale = self._scale("input", torch.float32) if self.static else None
-        weight_scale = self._scale("weight", torch.float32)
         return w8a8.w8a8_matmul(x2, self.weight, weight_scale, input_scale, out_dtype, bias)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
