@@ -11,6 +11,8 @@ from .config import QUANT_METHOD, PtqConfig
 from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
 from .formats.export import export, format_names
 from .formats.hub import push_to_hub
+from .formats.safetensors_file import CheckpointError
+from .formats.verify import VerifyReport, verify
 from .methods import method_names
 from .nn import QuantLinear, W8A8Linear
 from .quantizer import PtqHfQuantizer, SmoothQuantHfQuantizer
@@ -24,6 +26,7 @@ register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
 register(SMOOTHQUANT_METHOD, SmoothQuantConfig, SmoothQuantHfQuantizer)
 
 __all__ = [
+    "CheckpointError",
     "Comparison",
     "EvalResult",
     "PtqConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "SmoothQuantConfig",
     "SmoothQuantHfQuantizer",
     "Thresholds",
+    "VerifyReport",
     "W8A8Linear",
     "compare",
     "evaluate",
@@ -40,5 +44,6 @@ __all__ = [
     "method_names",
     "push_to_hub",
     "quantize",
+    "verify",
     "__version__",
 ]

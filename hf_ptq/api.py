@@ -6,12 +6,13 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from .calibration.data import calibration_batches
 from .config import PtqConfig
+from .core.finite import require_finite_weight
 from .methods import method_spec, require_package
 from .nn import QUANTIZED_MODULES, quantizable_linears
-from .nn.replace import check_group_size, replace_linears
+from .nn.replace import check_group_size, float_weight, replace_linears
 from .pipeline import calibrate_and_quantize
+from .pipeline.preflight import prepare_calibration, warn_unmatched_modules
 from .smoothquant_config import SmoothQuantConfig
 
 
@@ -30,6 +31,8 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
     skip = HfQuantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
     )
+    if not spec.needs_calibration:  # calibrated methods warn in prepare_calibration
+        warn_unmatched_modules(model, config.modules_to_not_convert)
     if spec.backend == "bitsandbytes":
         from .quantizer.bnb import quantize_loaded_model
 
@@ -38,11 +41,11 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
     originals = dict(quantizable_linears(model, skip))
     check_group_size(list(originals.items()), config.group_size)
     if spec.needs_calibration:
-        batches = None
-        if config.dataset is not None:
-            batches = calibration_batches(config, tokenizer, getattr(model, "name_or_path", None))
+        batches = prepare_calibration(model, config, tokenizer)  # checked against the model; None: data-free
         calibrate_and_quantize(model, config, skip, batches)
         return _mark_quantized(model, config, skip)
+    for name, original in originals.items():  # before any module is replaced: an error leaves the model as it was
+        require_finite_weight(float_weight(original), name)
     replace_linears(
         model,
         bits=config.bits,
@@ -70,7 +73,7 @@ def _mark_quantized(
     """Attach the quantizer and config transformers expects on a quantized model (for save / reload / push)."""
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    from .formats.hub import attach_push_to_hub
+    from .formats.save import attach_model_methods
 
     quantizer = quantizer or AUTO_QUANTIZER_MAPPING[config.quant_method](config, pre_quantized=False)
     quantizer.modules_to_not_convert = skip
@@ -79,5 +82,5 @@ def _mark_quantized(
     model.is_quantized = True
     model.quantization_method = config.quant_method
     model.add_model_tags(quantizer.model_tags())
-    attach_push_to_hub(model)
+    attach_model_methods(model)
     return model

@@ -1,7 +1,9 @@
 """`PtqConfig`: the one quantization config users pass to `from_pretrained`.
 
 Every field is validated once, here, at construction: a bad value raises `ValueError` naming the field and the
-allowed values before any weight is read. The config round-trips through `to_dict()` / `PtqConfig(**d)` and
+allowed values before any weight is read (checks that need the model, such as `seq_len` against its positions, run
+before its weights are read: `hf_ptq.pipeline.preflight`). numpy integer / float scalars are taken as the Python
+numbers they hold, in every numeric field. The config round-trips through `to_dict()` / `PtqConfig(**d)` and
 `config.json`; calibration data is described there (source, size, hash), never embedded.
 """
 
@@ -23,6 +25,10 @@ QUANT_METHOD = "hf_ptq"
 AUTO = "auto"
 
 _ALLOWED_BITS = (2, 3, 4, 8)
+# AWQ's scale search scores grid + 1 candidates per group of Linears, each one [out, in] x [in, in] product: 100 (α in
+# steps of 0.01, 5x the default 20) is already finer than the output error can tell apart; larger grids only add time
+# (10**6 would run for days).
+MAX_AWQ_GRID = 100
 _COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DEFAULTS = {"bits": 4, "group_size": 128, "sym": False}
 
@@ -49,7 +55,11 @@ _METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
     "block_size": (128, _is_positive_int, "a positive integer (columns per lazy GPTQ update, e.g. 128)"),
     "clip": (True, _is_bool, "True or False"),
     "duo_scaling": (True, _is_bool, "True or False"),
-    "grid": (20, _is_positive_int, "a positive integer (AWQ scale candidates, e.g. 20)"),
+    "grid": (
+        20,
+        lambda v: _is_positive_int(v) and v <= MAX_AWQ_GRID,
+        f"an integer from 1 to {MAX_AWQ_GRID} (AWQ scale candidates, default 20; each costs one product per group)",
+    ),
     "double_quant": (False, _is_bool, "True or False"),
     "outlier_threshold": (
         6.0,
@@ -87,14 +97,17 @@ class PtqConfig(HfPtqConfig):
             `hqq`, `nf4` and `fp4`, whose block size is one of 32, 64, ..., 4096).
         sym: symmetric (no zero point) when True, asymmetric (scale and zero point) when False (default).
         modules_to_not_convert: module names (or suffixes / regexes, as transformers matches them) kept in
-            full precision; the output embedding is always kept.
+            full precision; the output embedding is always kept. An invalid regex or an empty name is refused here;
+            names matching no module of the model get one warning before its weights load.
         dataset, num_samples, seq_len, batch_size: calibration data for methods that need it (see
             docs/calibration.md): a list of texts, token ids (LongTensor [n, seq] or lists), a `datasets.Dataset`, a
-            text file path, `"wikitext2"` / `"c4"`, or None for text sampled from the model itself.
+            UTF-8 text file path, `"wikitext2"` / `"c4"`, or None for text sampled from the model itself (warned
+            about as unused with a method without calibration). `num_samples × seq_len` is at most 2**20 tokens;
+            `seq_len` at most the model's `max_position_embeddings` / `n_positions`, and 16384 with `dataset=None`.
         tokenizer: tokenizer (or its name / folder) for text calibration data; default: the model's own.
         desc_act, static_groups, damp_percent, block_size: GPTQ options (see docs/gptq.md); only accepted with
             `method="gptq"`.
-        duo_scaling, grid: AWQ options (see docs/awq.md); only accepted with `method="awq"`.
+        duo_scaling, grid: AWQ options (see docs/awq.md; `grid` from 1 to 100); only accepted with `method="awq"`.
         clip, true_sequential: range search and stage-by-stage calibration, for `gptq` and `awq`.
         compute_dtype: dtype of the quantized matmuls: `"auto"` (on CPU: the packed kernels in bf16, the dequantize
             path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
@@ -198,6 +211,7 @@ class PtqConfig(HfPtqConfig):
 
     def post_init(self) -> None:
         """Validate every field; normalise method-forced values (e.g. `int8` is 8-bit symmetric per-channel)."""
+        self._plain_numbers()
         names = method_names()
         if self.method == AUTO:
             self._resolve_auto(names)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,21 +41,18 @@ def smollm2_checkpoint(dtype: torch.dtype = torch.bfloat16) -> Path:
     if (target / "config.json").exists():
         return target
     gguf = smollm2_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    from .folders import staged_folder
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-        if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantized: plain checkpoint
-            model.hf_quantizer.remove_quantization_config(model)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        del model
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_folder(target, field="HF_PTQ_CACHE") as staging:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+            if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantized: plain checkpoint
+                model.hf_quantizer.remove_quantization_config(model)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            del model
+    except FileExistsError:  # another process finished first
+        if not (target / "config.json").exists():
+            raise
     return target

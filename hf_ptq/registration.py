@@ -3,11 +3,23 @@
 transformers' `register_quantization_config` / `register_quantizer` raise on a second registration; a second
 `import hf_ptq` or an `importlib.reload` must not, so an existing entry is replaced instead (a reload then maps the
 name to the reloaded classes).
+
+A checkpoint whose `quant_method` transformers does not know is loaded with a warning ("Unknown quantization type")
+and random weights where the packed ones were. For names spelled like hf_ptq's (starting with `hf_ptq`, e.g. a
+method a newer hf_ptq added) that is refused instead: `AutoHfQuantizer.supports_quant_method`, which
+`from_pretrained` asks before building a quantizer, is wrapped to raise for them. Every other name behaves as
+before, and wrapping again (re-import, reload) wraps transformers' original, never a wrapper.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from transformers.quantizers import auto
+
+OWN_PREFIX = "hf_ptq"
+_ORIGINAL = "_hf_ptq_original"  # attribute of the wrapper holding transformers' own function
 
 
 def register(quant_method: str, config_cls: type, quantizer_cls: type) -> None:
@@ -15,3 +27,46 @@ def register(quant_method: str, config_cls: type, quantizer_cls: type) -> None:
     auto.AUTO_QUANTIZER_MAPPING.pop(quant_method, None)
     auto.register_quantization_config(quant_method)(config_cls)
     auto.register_quantizer(quant_method)(quantizer_cls)
+    guard_unknown_own_methods()
+
+
+def _saved_quant_method(quantization_config: Any) -> Any:
+    """The quant_method of a saved quantization config (dict or config object); None for bitsandbytes' legacy keys
+    (transformers maps those to its own names)."""
+    get = quantization_config.get if isinstance(quantization_config, dict) else None
+    if get is None:
+        return getattr(quantization_config, "quant_method", None)
+    if get("load_in_8bit", False) or get("load_in_4bit", False):
+        return None
+    return get("quant_method")
+
+
+def refuse_unknown_own_method(quantization_config: Any) -> None:
+    """ValueError for a saved quant_method starting with `hf_ptq` that no import registered."""
+    name = _saved_quant_method(quantization_config)
+    if isinstance(name, str) and name.startswith(OWN_PREFIX) and name not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        known = sorted(n for n in auto.AUTO_QUANTIZATION_CONFIG_MAPPING if n.startswith(OWN_PREFIX))
+        raise ValueError(
+            f"config.json's quantization_config.quant_method={name!r} is not one this hf_ptq reads "
+            f"({', '.join(map(repr, known))}): the checkpoint was written by a newer hf_ptq, so upgrade hf-ptq "
+            "(pip install -U hf-ptq); or its config.json was edited. Without this check transformers would load it "
+            "with random weights."
+        )
+
+
+def _guarded(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def supports_quant_method(quantization_config_dict: Any) -> bool:
+        refuse_unknown_own_method(quantization_config_dict)
+        return original(quantization_config_dict)
+
+    setattr(supports_quant_method, _ORIGINAL, original)
+    supports_quant_method.__doc__ = original.__doc__
+    return supports_quant_method
+
+
+def guard_unknown_own_methods() -> None:
+    """Wrap `AutoHfQuantizer.supports_quant_method` with `refuse_unknown_own_method` (idempotent)."""
+    current = auto.AutoHfQuantizer.__dict__["supports_quant_method"]
+    function = current.__func__ if isinstance(current, staticmethod) else current
+    original = getattr(function, _ORIGINAL, function)
+    auto.AutoHfQuantizer.supports_quant_method = staticmethod(_guarded(original))

@@ -45,7 +45,8 @@ class SmoothQuantConfig(HfPtqConfig):
         modules_to_not_convert: module names (or suffixes / regexes, as transformers matches them) kept in full
             precision; the output embedding is always kept.
         dataset, num_samples, seq_len, batch_size, tokenizer: calibration data, as in `PtqConfig` (see
-            docs/calibration.md); `dataset=None` calibrates on text sampled from the model itself.
+            docs/calibration.md, with the same bounds); `dataset=None` calibrates on text sampled from the model
+            itself. numpy scalars are accepted in every numeric field, as Python numbers.
         true_sequential: collect each layer input's statistics after the layers before it in the block are
             quantized, instead of all in one pass per block; default: True with `weight_method="gptq"` (its
             Hessians gain from it), False with `"rtn"` (only the activation maxima would change; 40% faster).
@@ -100,6 +101,7 @@ class SmoothQuantConfig(HfPtqConfig):
 
     def post_init(self) -> None:
         """Validate every field."""
+        self._plain_numbers()
         if self.alpha != "auto" and (not _is_number(self.alpha) or not 0 <= self.alpha <= 1):
             raise _fail("alpha", self.alpha, "a number in [0, 1], e.g. 0.5 (SmoothQuant's default), or 'auto'")
         if self.activations not in _ACTIVATIONS:

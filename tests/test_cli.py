@@ -93,7 +93,7 @@ def test_ctrl_c_while_saving_leaves_no_partial_folder(tiny_llama_with_tokenizer_
     out = tmp_path / "q"
     if existing:
         out.mkdir()
-        (out / "keep.txt").write_text("mine")
+        (out / "README.md").write_text("mine")  # a model folder's file: --overwrite may replace the folder
 
     def interrupted(self, folder, *args, **kwargs):
         (Path(folder) / "tokenizer.json").write_text("{")  # half-written
@@ -104,7 +104,7 @@ def test_ctrl_c_while_saving_leaves_no_partial_folder(tiny_llama_with_tokenizer_
     assert main(args + ["--overwrite"] * existing) == 130
     assert [p.name for p in tmp_path.iterdir()] == (["q"] if existing else [])
     if existing:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert [p.name for p in out.iterdir()] == ["README.md"]
 
 
 def test_eval_json_and_strict(tiny_llama_with_tokenizer_dir, quantized_dir, text_file, tmp_path, capsys):

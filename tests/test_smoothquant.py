@@ -33,6 +33,7 @@ from hf_ptq.methods.smoothquant import (
 from hf_ptq.nn import QuantLinear, W8A8Linear
 from hf_ptq.pipeline.blocks import find_blocks
 from hf_ptq.pipeline.families import family_layout
+from hf_ptq.pipeline.sequential import calibration_dtype
 from hf_ptq.pipeline.smoothing import fold_into_producer, producer_fits
 
 CALIB = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(7))
@@ -195,13 +196,13 @@ def test_static_input_scale_comes_from_the_calibration_inputs(tiny_llama_dir: Pa
     """Each layer's static scale is a fraction (`CLIP_GRID`) of max|x| / 127 over the inputs it saw in calibration
     (the first block's q/k/v input is the normed embeddings, which quantization upstream does not change)."""
     q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=sq_config(activations="static"))
-    seen: list[torch.Tensor] = []
     layer = q.model.layers[0].self_attn.q_proj
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float()))
+    # The block's input as calibration computed it: in fp32 on CPUs without native bf16 (`calibration_dtype`).
+    work = calibration_dtype(q, torch.bfloat16)
+    norm = copy.deepcopy(q.model.layers[0].input_layernorm).to(work)
     with torch.no_grad():
-        q(input_ids=CALIB)
-    handle.remove()
-    full = static_input_scale(torch.cat(seen).abs().amax().reshape(1), torch.float32)
+        seen = norm(q.model.embed_tokens(CALIB).to(work)).float()
+    full = static_input_scale(seen.abs().amax().reshape(1), torch.float32)
     candidates = [round_scale(full * f, torch.bfloat16) for f in CLIP_GRID]
     assert any(torch.equal(layer.input_scale.float(), c) for c in candidates)
     assert layer.input_scale is not q.model.layers[0].self_attn.k_proj.input_scale  # saved separately

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .describe import DATASET_NAMES
+from .describe import DATASET_NAMES, not_text_error
 
 logger = logging.getLogger("hf_ptq")
 
@@ -88,9 +88,14 @@ def _text_column(dataset: Any) -> str:
 
 
 def _file_chunks(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        while chunk := f.read(_FILE_CHUNK):
-            yield chunk
+    """The file's text in chunks; ValueError naming the file where it is not UTF-8 (past the part checked when the
+    config was built)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(_FILE_CHUNK):
+                yield chunk
+    except UnicodeDecodeError as err:
+        raise not_text_error(path, f"invalid UTF-8 ({err.reason})") from None
 
 
 def _text_pieces(dataset: Any) -> tuple[Iterable[str], str]:

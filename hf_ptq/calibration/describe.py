@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 from typing import Any
 
 # Dataset names loaded through `datasets` (see `hf_ptq.calibration.data`).
 DATASET_NAMES = ("wikitext2", "c4")
+TEXT_CHECK_BYTES = 1 << 20  # how much of a calibration file is checked for text at construction
+
+
+def not_text_error(path: str, detail: str) -> ValueError:
+    """The error for a calibration file that is not UTF-8 text."""
+    return ValueError(
+        f"PtqConfig.dataset={path!r} is not a UTF-8 text file ({detail}): pass a plain text file (convert it, e.g. "
+        "iconv -t UTF-8), a list of texts, or token ids."
+    )
+
+
+def check_text_file(path: str) -> None:
+    """Refuse a file whose first `TEXT_CHECK_BYTES` are binary (a NUL byte) or not UTF-8; the rest is checked as it
+    is read (`hf_ptq.calibration.data`), still before any weight is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(TEXT_CHECK_BYTES)
+    except OSError as err:
+        raise ValueError(f"PtqConfig.dataset={path!r}: the file cannot be read ({err.strerror or err}).") from err
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise not_text_error(path, f"a NUL byte at offset {nul}: binary data")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_CHECK_BYTES)
+    except UnicodeDecodeError as err:
+        raise not_text_error(path, f"invalid UTF-8 at byte {err.start}") from None
 
 
 def _digest(parts: list[bytes]) -> str:
@@ -26,6 +53,7 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         if os.path.isfile(dataset):
             if os.path.getsize(dataset) == 0:
                 raise ValueError(f"PtqConfig.dataset: the file {dataset!r} is empty.")
+            check_text_file(dataset)
             return {"source": "file", "name": os.path.basename(dataset), "bytes": os.path.getsize(dataset)}
         if not dataset.strip():
             raise ValueError(

@@ -2,8 +2,9 @@
 
 Pieces of `piece_len` tokens are sampled from the BOS token with top-k sampling, many in parallel, seeded (the
 global RNG is left untouched), then concatenated and cut into samples of `seq_len`. Sampling costs about one
-forward per token, so the total is capped at `max_tokens` (fewer samples, with a log line). Models that cannot
-generate (encoders) get uniformly random token ids instead.
+forward per token, so the total is capped at `max_tokens` (fewer samples, with a log line); a single sample longer
+than the cap is refused (`PtqConfig` checks this at construction). Models that cannot generate (encoders) get
+uniformly random token ids instead.
 """
 
 from __future__ import annotations
@@ -49,15 +50,21 @@ def sample_from_model(
     seed: int = 0,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> list[torch.Tensor]:
-    """`min(num_samples, max_tokens // seq_len)` (at least 1) samples, LongTensors [seq_len]."""
-    count = max(1, min(num_samples, max_tokens // seq_len))
+    """`min(num_samples, max_tokens // seq_len)` samples, LongTensors [seq_len]; ValueError when even one sample
+    (`seq_len`) is longer than `max_tokens`."""
+    if seq_len > max_tokens:
+        raise ValueError(
+            f"seq_len={seq_len}: data-free calibration samples at most {max_tokens} tokens from the model (about one "
+            f"forward per token), fewer than one sample: lower seq_len to at most {max_tokens}, or pass a dataset."
+        )
+    count = min(num_samples, max_tokens // seq_len)
     if count < num_samples:
         logger.warning(
             "hf_ptq: data-free calibration samples %d x %d tokens from the model (capped at %d tokens), not the "
             "requested num_samples=%d; pass a dataset for more.",
             count,
             seq_len,
-            max(max_tokens, seq_len),
+            max_tokens,
             num_samples,
         )
     total = count * seq_len

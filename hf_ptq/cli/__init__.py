@@ -1,8 +1,10 @@
-"""`hf-ptq` command line (also `optimum-cli ptq`): quantize, eval, compare, export, push.
+"""`hf-ptq` command line (also `optimum-cli ptq`): quantize, eval, compare, export, push, verify.
 
 Each subcommand is a module with `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> exit status`;
-`COMMANDS` lists them in help order. Configuration errors print one line and exit with status 2; Ctrl-C exits
-with 130 and leaves no partial output folder (outputs are written to a staging folder and renamed).
+`COMMANDS` lists them in help order. Errors a user can cause (bad values: ValueError and its subclasses, an
+existing output folder, a missing package, a path that cannot be read or written: OSError) print one line and exit
+with status 2; any other exception is a bug and keeps its traceback. Ctrl-C exits with 130 and leaves no partial
+output folder (outputs are written to a staging folder and renamed).
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import compare, evaluate, export, push, quantize
+from . import compare, evaluate, export, push, quantize, verify
 
 # Subcommand modules in help order.
-COMMANDS = [quantize, evaluate, compare, export, push]
+COMMANDS = [quantize, evaluate, compare, export, push, verify]
 
 
 def build_parser(prog: str = "hf-ptq") -> argparse.ArgumentParser:
@@ -29,12 +31,21 @@ def build_parser(prog: str = "hf-ptq") -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(err: BaseException) -> str:
+    """One line for a user error: an OSError of a path as `path: problem` (both paths of a rename), else the
+    message with its line breaks folded."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        return f"{paths}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None, prog: str = "hf-ptq") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, ImportError) as err:  # bad input: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as err:  # bad input (FileExistsError is an OSError): one line
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: no partial output folder was left behind", file=sys.stderr)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import hf_ptq
-    from hf_ptq.files import check_output_folder
+    from hf_ptq.folders import check_output_folder
 
     methods = [check_method(m.strip()) for m in args.methods.split(",") if m.strip()]
     if not methods:

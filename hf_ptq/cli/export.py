@@ -34,7 +34,7 @@ def export_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import hf_ptq
-    from hf_ptq.files import check_output_folder
+    from hf_ptq.folders import check_output_folder
 
     if not (Path(args.model) / "config.json").exists():
         raise ValueError(f"{args.model} is not a saved model folder (no config.json)")

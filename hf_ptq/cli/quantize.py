@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import check_output_folder, staged_folder
+from ..folders import check_output_folder, staged_folder
 from ..methods import method_names
 from .common import add_config_arguments, add_eval_arguments, config_from_args, embedded_model, eval_options
 from .common import thresholds as checklist_thresholds
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_id, quantization_config=cfg, dtype=torch.bfloat16)
     seconds = time.perf_counter() - start
-    with staged_folder(out, args.overwrite) as staging:
+    with staged_folder(out, args.overwrite, "--out") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     del model

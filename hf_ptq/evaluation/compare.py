@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
-from ..files import check_output_folder, staged_folder
+from ..folders import check_output_folder, staged_folder
 from .memory import checkpoint_bytes
 from .report import comparison_markdown, machine_line
 from .result import EvalResult, ModelStats, Thresholds
@@ -167,7 +167,7 @@ def compare(
     if out_dir is None:
         comparison.markdown = comparison_markdown(title, setup, ref_stats, results, thresholds, None)
         return comparison
-    with staged_folder(out_dir, overwrite) as staging:
+    with staged_folder(out_dir, overwrite, "out_dir") as staging:
         plot_name = None
         if plot:
             try:

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
-from ..files import check_output_folder, staged_folder
+from ..folders import check_output_folder, staged_folder
 from .layers import w8a8_layers, weight_only_methods
 
 logger = logging.get_logger(__name__)
@@ -95,7 +95,7 @@ def export(
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = _load(model, tokenizer)
     spec, tokenizer = check_export(model, format, tokenizer, **options)
-    with staged_folder(target, overwrite) as staging:
+    with staged_folder(target, overwrite, "out_dir") as staging:
         spec.write(model, staging, tokenizer, **options)
         if tokenizer is not None and not spec.needs_tokenizer:
             tokenizer.save_pretrained(staging)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.clip_search import clipped_qparams
+from ..core.finite import non_finite_counts
 from ..core.quant import QuantizedWeight, compute_qparams, qrange
 from ..kernels import cpu_has_fast_bf16
 from . import register_method
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hf_ptq")
 
 GPTQ_FIELDS = ("desc_act", "static_groups", "damp_percent", "true_sequential", "block_size", "clip")
-_MAX_DAMP_RETRIES = 6
+DAMP_FLOOR = 0.01  # the first retry damps at least this much (GPTQ's default damp_percent)
+MAX_DAMP = 10.0  # the last retry: λ = 10 · mean(diag H), enough for any finite positive semi-definite H
 
 
 class GPTQ:
@@ -90,17 +92,38 @@ def stores_g_idx(desc_act: bool, static_groups: bool, group_size: int) -> bool:
     return desc_act and not static_groups and group_size > 0
 
 
+def damping_schedule(damp_percent: float) -> list[float]:
+    """The damps `inverse_hessian_factor` tries: `damp_percent`, then retries from `max(10 · damp_percent,
+    DAMP_FLOOR)`, each 10x the one before, up to `MAX_DAMP` (e.g. 0.01 → 0.01, 0.1, 1, 10; 1e-6 → 1e-6, 0.01, ...).
+    The floor keeps a tiny `damp_percent` from spending every retry below useful damping."""
+    damps, damp = [damp_percent], max(damp_percent * 10, DAMP_FLOOR)
+    while damp <= MAX_DAMP * (1 + 1e-9):
+        damps.append(damp)
+        damp *= 10
+    return damps
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of `(H + λI)⁻¹` with `λ = damp · mean(diag H)`, and the damp used.
 
-    When H + λI is not positive definite the damping is multiplied by 10 and the factorization retried (with a
-    warning), up to 1.0 and then a few more times.
+    The damps of `damping_schedule(damp_percent)` are tried in turn until `H + λI` factorizes (a warning names the
+    damp used when it is not `damp_percent`). For a finite positive semi-definite H the last one, `MAX_DAMP`, always
+    succeeds (H + λI then has a condition number below `in_features / MAX_DAMP + 1`), so a failure means H holds
+    NaN / inf (raised at once, with the count) or is not a Hessian at all. Raises ValueError (the calibration
+    pipeline adds the layer's name).
     """
+    nans, infs = non_finite_counts(hessian)
+    if nans or infs:
+        raise ValueError(
+            f"gptq: the Hessian holds {nans} NaN and {infs} inf value(s), so it stays singular at any damping: the "
+            "calibration activations reaching this layer are not finite (a NaN/inf weight before it, or a float16 "
+            "overflow: load the model in bfloat16 or float32)."
+        )
     n = hessian.shape[0]
     mean_diag = hessian.diagonal().mean().item()
     eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
-    damp = damp_percent
-    for _ in range(_MAX_DAMP_RETRIES + 1):
+    damps = damping_schedule(damp_percent)
+    for damp in damps:
         lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean_diag) * eye)
         if info.item() == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
@@ -112,9 +135,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[
                         damp,
                     )
                 return upper, damp
-        damp *= 10
+    tried = ", ".join(f"{d:g}" for d in damps)
     raise ValueError(
-        f"gptq: the Hessian stays singular even with damp_percent={damp / 10:g} (non-finite calibration activations?)."
+        f"gptq: the Hessian stays singular with every damp_percent tried ({tried}; mean of its diagonal "
+        f"{mean_diag:g}): it is not positive semi-definite, so it is not the Hessian of any calibration inputs."
     )
 
 

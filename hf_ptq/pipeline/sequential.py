@@ -15,13 +15,18 @@ block runs in fp32 on CPUs without native bf16, one batch at a time) and one bat
 weights a block no longer needs give their memory-mapped checkpoint pages back, and freed heap goes back to the
 OS after every block, so the peak stays near one block's working set above the quantized model. Linears outside
 the blocks (e.g. BERT's pooler) get statistics from whole-model passes at the end.
+
+Non-finite values stop the walk with an error naming where they are (`hf_ptq.core.finite`): a weight with NaN / inf
+before its method runs, and hidden states with NaN / inf after the embeddings or after a block (naming that part's
+non-finite parameters). A method's ValueError (e.g. GPTQ's singular Hessian) is raised again with the layers' names.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..calibration.self_generated import input_device
+from ..core.finite import require_finite_activations, require_finite_weight
 from ..core.page_release import release_file_pages, trim_heap
 from ..kernels import cpu_has_fast_bf16
 from ..methods import MethodSpec, method_spec
@@ -161,23 +167,29 @@ def quantize_group(
     config,
     dtype: torch.dtype,
     smoother: BlockSmoother | None = None,
+    prefix: str = "",
 ) -> None:
     """Quantize the Linears of `group` (sharing `stats`) with `spec`, stacked row-wise; swap in QuantLinears.
 
     `dtype` is the model's dtype: the weights are quantized as stored in it and the scales are kept in it. With a
-    `smoother` (methods with `smooth`), the group's input scale is searched and folded first."""
+    `smoother` (methods with `smooth`), the group's input scale is searched and folded first. `prefix` + a name is
+    the Linear's name in the model, for errors: a non-finite weight is refused (`require_finite_weight`), and a
+    method's ValueError is raised again naming the group's layers."""
     modules = [scope.get_submodule(n) for n in group]
     weights = [read_float_weight(m).to(dtype) for m in modules]
+    for name, weight in zip(group, weights, strict=True):
+        require_finite_weight(weight, prefix + name)
     stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
-    if stats is None:
-        logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
-        qw = (spec.uncalibrated or method_spec("rtn").quantize_weight)(stacked, config)
-    else:
-        s = None if smoother is None else smoother.smooth(group, stacked, stats)
-        if s is not None:
-            stacked = (stacked.float() * s.to(stacked.device)).to(dtype)
-            stats.rescale(s)
-        qw = spec.quantize_weight(stacked, config, stats)
+    with naming_layers([prefix + n for n in group]):
+        if stats is None:
+            logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
+            qw = (spec.uncalibrated or method_spec("rtn").quantize_weight)(stacked, config)
+        else:
+            s = None if smoother is None else smoother.smooth(group, stacked, stats)
+            if s is not None:
+                stacked = (stacked.float() * s.to(stacked.device)).to(dtype)
+                stats.rescale(s)
+            qw = spec.quantize_weight(stacked, config, stats)
     row = 0
     del stacked
     for name, module, weight in zip(group, modules, weights, strict=True):
@@ -185,6 +197,38 @@ def quantize_group(
         row += weight.shape[0]
         install_quantized(scope, name, module, part, config, dtype)
     release_file_pages(*(float_weight(m) for m in modules))  # the replaced float weights are never read again
+
+
+@contextmanager
+def naming_layers(layers: list[str]) -> Iterator[None]:
+    """Within: a ValueError (a method's, e.g. GPTQ's singular Hessian) is raised again with the layers' names in
+    front, as the same type when that type takes a message (NonFiniteError, ValueError)."""
+    try:
+        yield
+    except ValueError as err:
+        where = ", ".join(layers)
+        if where in str(err):
+            raise
+        message = f"{where}: {err}"
+        try:
+            again = type(err)(message)
+        except TypeError:  # an error type with another signature (e.g. UnicodeDecodeError)
+            again = ValueError(message)
+        raise again from err
+
+
+def check_block_output(hidden: list[torch.Tensor], block: nn.Module, name: str) -> None:
+    """The calibration hidden states leaving block `name` must be finite (else the next block's statistics would
+    be NaN): raise naming the block and its non-finite parameters."""
+    suspects = ((f"{name}.{n}", t) for n, t in [*block.named_parameters(), *block.named_buffers()])
+    require_finite_activations(hidden, f"block {name}", suspects)
+
+
+def check_captured(hidden: list[torch.Tensor], model: nn.Module, prefix: str) -> None:
+    """Block 0's captured inputs must be finite: raise naming the non-finite parameters outside the blocks
+    (embeddings, position tables, ...)."""
+    outside = ((n, t) for n, t in model.named_parameters() if not n.startswith(prefix + "."))
+    require_finite_activations(hidden, f"the layers before {prefix}.0 (embeddings)", outside)
 
 
 @torch.no_grad()
@@ -201,6 +245,7 @@ def quantize_blocks(
     dtype = _float_dtype(blocks)
     work_dtype = calibration_dtype(model, dtype)
     captured = capture_inputs(model, blocks, batches)
+    check_captured(captured.hidden, model, prefix)
     captured.calls_to_dtype(work_dtype)  # masks, rotary tables: small, cast once
     hidden = [h.to(dtype) for h in captured.hidden]  # [batch, seq, dim] each, kept in the model's dtype
     captured.hidden = []  # replaced block by block in `hidden`
@@ -234,17 +279,18 @@ def quantize_blocks(
                 with store.serving(quantized, store=True), keep_dense_weights(block):
                     stats = collect(block, stage, spec.statistics, hidden, calls, work_dtype, store)
                 for group, group_stats in zip(stage, stats, strict=True):
-                    quantize_group(block, group, group_stats, spec, config, dtype, smoother)
+                    quantize_group(block, group, group_stats, spec, config, dtype, smoother, head)
                     quantized.update(group)
             if smoother is not None:
                 smoother.warn_unscaled(warned, config.method, model_type)
             for name in layout.uncalled:
-                quantize_group(block, [name], None, spec, config, dtype)
+                quantize_group(block, [name], None, spec, config, dtype, prefix=head)
             done += [head + n for n in names]
         with store.serving(quantized, store=False), keep_dense_weights(block):
             for b, call in enumerate(calls):
                 store.batch = b
                 hidden[b] = call.run(block, hidden[b].to(work_dtype)).to(dtype)
+        check_block_output(hidden, block, head[:-1])
         del store
         captured.calls[i] = []  # this block's arguments are no longer needed
         block.to(dtype)

@@ -136,7 +136,7 @@ class BnbHfQuantizer(PtqHfQuantizer):
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel):
         restore_4bit_layout(model)
-        return None, {}
+        return super().get_state_dict_and_metadata(model)
 
     @property
     def is_trainable(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,11 +10,15 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
-from ..calibration.data import calibration_batches
+from ..core.finite import NonFiniteWeights
+from ..folders import recover_folder
+from ..formats.checksums import checksum_metadata
+from ..formats.verify import checksums_on_load, verify_checkpoint
 from ..methods import method_spec, require_package
 from ..nn import QUANTIZED_MODULES, QuantLinear, quantizable_linears, replace_linears
 from ..nn.replace import check_group_size
 from ..pipeline import calibrate_and_quantize
+from ..pipeline.preflight import prepare_calibration, warn_unmatched_modules
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,6 +34,9 @@ class PtqHfQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: PtqConfig
+    verify_checksums: bool | None = None  # None: as HF_PTQ_VERIFY_CHECKSUMS says (`formats.verify.checksums_on_load`)
+    verify_report = None  # what the checks before loading a saved checkpoint found (`formats.verify.VerifyReport`)
+    state_dict_to_save = None  # set by hf_ptq's `save_pretrained` when it is given a state dict
 
     def __new__(cls, quantization_config: PtqConfig | None = None, **kwargs):
         """transformers maps one quant_method ("hf_ptq") to one class: methods whose weights live in another library's
@@ -67,18 +75,33 @@ class PtqHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, model._keep_in_fp32_modules, add_default_skips=True
         )
+        self.non_finite = NonFiniteWeights()  # filled by quantize-on-load, raised after loading
         if self.calibrating:  # float weights load normally; check what can fail before reading them
             targets = list(quantizable_linears(model, self.modules_to_not_convert))
             check_group_size(targets, cfg.group_size)
-            self._batches = None
-            if cfg.dataset is not None:
-                self._batches = calibration_batches(cfg, model_path=getattr(model, "name_or_path", None))
+            self._batches = prepare_calibration(model, cfg)  # checked against the model; None: data-free
             names = [n for n, _ in targets]
         else:
             names = self._replace_modules(model, dtype or model.dtype)
+            if self.pre_quantized:
+                self._verify(model, kwargs.get("checkpoint_files"))
+            else:
+                warn_unmatched_modules(model, cfg.modules_to_not_convert)
         if not names:
             logger.warning("hf_ptq: no Linear layer to quantize was found; the model is left in full precision.")
         return model
+
+    def _verify(self, model: PreTrainedModel, checkpoint_files: list[str] | None) -> None:
+        """Check the checkpoint against the quantized modules just built from its config, before any weight is
+        read (CheckpointError naming what is wrong); see `hf_ptq.formats.verify`."""
+        if not checkpoint_files:
+            logger.warning("hf_ptq: no checkpoint files to verify (loading from a state dict?): tensors not checked.")
+            return
+        checksums = checksums_on_load() if self.verify_checksums is None else self.verify_checksums
+        notes = recover_folder(os.path.dirname(os.path.abspath(checkpoint_files[0])))
+        self.verify_report = verify_checkpoint(model, self.quantization_config, checkpoint_files, checksums)
+        self.verify_report.notes[:0] = notes
+        logger.info("hf_ptq: %s", self.verify_report.summary())
 
     def _replace_modules(self, model: PreTrainedModel, dtype: torch.dtype) -> list[str]:
         """Swap the target Linears for empty quantized modules that the checkpoint (or quantize-on-load) fills."""
@@ -101,14 +124,21 @@ class PtqHfQuantizer(HfQuantizer):
         return ["hf-ptq", self.quantization_config.method, f"{self.quantization_config.bits}-bit"]
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
-        from ..formats.hub import attach_push_to_hub
+        from ..formats.save import attach_model_methods
 
+        if getattr(self, "non_finite", None) is not None:
+            self.non_finite.raise_if_any()
         if self.calibrating:
             batches, self._batches = self._batches, None
             calibrate_and_quantize(model, self.quantization_config, self.modules_to_not_convert, batches)
         model.add_model_tags(self.model_tags())
-        attach_push_to_hub(model)
+        attach_model_methods(model)
         return model
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel):
+        """transformers' own state dict, and the SHA-256 of each of its tensors for the safetensors metadata."""
+        state = self.state_dict_to_save if self.state_dict_to_save is not None else model.state_dict()
+        return None, checksum_metadata(state)
 
     def is_serializable(self) -> bool:
         return True

@@ -30,6 +30,7 @@ class QuantizeOnLoad(ConversionOps):
         module = model.get_submodule(module_name)
         if module.transposed_source:
             weight = weight.t()
+        self.hf_quantizer.non_finite.check(weight, module_name)  # raised after loading: see core/finite.py
         config = self.hf_quantizer.quantization_config
         qweight = method_spec(config.method).quantize_weight(weight, config)
         packed = module.packed_tensors(qweight, module_name + ".")
