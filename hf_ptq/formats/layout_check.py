@@ -78,11 +78,15 @@ def _dtype_ok(expected: torch.dtype, found: str) -> bool:
 def check_layout(model: nn.Module, config: Any, headers: list[SafetensorsHeader]) -> list[str]:
     """Problems (one line each) of the tensors `headers` hold for the quantized modules of `model` (on meta)."""
     where = {name: h for h in headers for name in h.tensors}
+    by_module: dict[str, set[str]] = defaultdict(set)  # module name -> the tensors the files hold directly under it
+    for name in where:
+        prefix, _, tensor = name.rpartition(".")
+        by_module[prefix].add(tensor)
     modules = dict(model.named_modules())
     problems = []
     for prefix, module in modules.items():
         if isinstance(module, (QuantLinear, W8A8Linear)):
-            problems += _module_problems(prefix, module, config, where, headers)
+            problems += _module_problems(prefix, module, config, by_module[prefix], where, headers)
     for name, header in where.items():  # quantized tensors under a layer the config keeps in full precision
         prefix, _, tensor = name.rpartition(".")
         owner = modules.get(prefix)
@@ -95,10 +99,15 @@ def check_layout(model: nn.Module, config: Any, headers: list[SafetensorsHeader]
 
 
 def _module_problems(
-    prefix: str, module: nn.Module, config: Any, where: dict[str, SafetensorsHeader], headers: list[SafetensorsHeader]
+    prefix: str,
+    module: nn.Module,
+    config: Any,
+    found: set[str],
+    where: dict[str, SafetensorsHeader],
+    headers: list[SafetensorsHeader],
 ) -> list[str]:
+    """Problems of one quantized module; `found`: the names of the tensors the files hold under it."""
     expected = module.state_dict()
-    found = {n[len(prefix) + 1 :] for n in where if n.startswith(prefix + ".") and "." not in n[len(prefix) + 1 :]}
     kind = type(module).__name__
     problems = []
     for tensor in sorted(set(expected) - found):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..folders import recover_folder
-from .checksums import check_checksums, recorded_digests
+from .checksums import check_checksums
 from .layout_check import check_layout, check_values, raise_problems
 from .safetensors_file import CheckpointError, SafetensorsHeader, read_header
 
@@ -128,7 +128,7 @@ def verify_checkpoint(
     )
     if checksums:
         report.checksums_checked, report.unverified = check_checksums(headers)
-        if all(recorded_digests(h) is None for h in headers):
+        if not report.checksums_checked:
             report.notes.append("no checksums are recorded (saved before hf_ptq recorded them, or by another tool)")
             report.unverified = []
     else:
