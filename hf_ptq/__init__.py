@@ -16,7 +16,8 @@ from .formats.verify import VerifyReport, verify
 from .methods import method_names
 from .nn import QuantLinear, W8A8Linear
 from .quantizer import PtqHfQuantizer, SmoothQuantHfQuantizer
-from .registration import register
+from .quantizer.backends import use_backend
+from .registration import register, take_over
 from .smoothquant_config import QUANT_METHOD as SMOOTHQUANT_METHOD
 from .smoothquant_config import SmoothQuantConfig
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
 register(SMOOTHQUANT_METHOD, SmoothQuantConfig, SmoothQuantHfQuantizer)
+take_over()  # GPTQ, AWQ and compressed-tensors checkpoints load on hf_ptq's kernels (docs/loading.md)
 
 __all__ = [
     "CheckpointError",
@@ -44,6 +46,7 @@ __all__ = [
     "method_names",
     "push_to_hub",
     "quantize",
+    "use_backend",
     "verify",
     "__version__",
 ]

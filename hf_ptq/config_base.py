@@ -88,6 +88,8 @@ class HfPtqConfig(QuantizationConfigMixin):
         """Keep the keys `to_dict` writes that are not constructor arguments (dataset description, format version);
         raise on any other unknown key, listing the `known` fields."""
         self.dataset_description = saved.pop("dataset_description", None)
+        # a checkpoint another tool made, converted at load: its quant_method and saved quantization_config
+        self.converted_from = saved.pop("converted_from", None)
         self.format_version = check_format_version(type(self).__name__, saved.pop("format_version", FORMAT_VERSION))
         if saved:
             raise ValueError(
@@ -143,6 +145,8 @@ class HfPtqConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: the calibration data itself is replaced by its description."""
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
+        if out.get("converted_from") is None:  # written only for checkpoints converted from another tool's format
+            out.pop("converted_from", None)
         out["dataset"] = None
         out["tokenizer"] = self.tokenizer if isinstance(self.tokenizer, str) else None
         return out

@@ -11,6 +11,7 @@ from conftest import FAMILIES, float_weight, input_ids, int8, model_output, refe
 
 import hf_ptq
 from hf_ptq import PtqConfig
+from hf_ptq.formats.save import saved_hf_ptq_config
 from hf_ptq.nn import QuantLinear
 
 CONFIGS = {"rtn-w4": rtn_w4, "int8": int8, "rtn-w4-perchannel": lambda: PtqConfig(group_size=-1, sym=False)}
@@ -45,7 +46,7 @@ def test_quantize_in_memory_equals_quantize_on_load(family_name: str, config_nam
 
     in_memory.save_pretrained(tmp_path / "q")
     assert not list((tmp_path / "q").glob("*.bin"))
-    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    saved = saved_hf_ptq_config(json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"])
     assert PtqConfig(**saved) == cfg
     reloaded = family.auto_class.from_pretrained(tmp_path / "q")
     assert {n for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)} == names

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import hf_ptq
 from hf_ptq.cli import build_parser, main
+from hf_ptq.formats.save import saved_hf_ptq_config
 
 TEXT = "The orchard was quiet in the early light; pickers moved between the rows with baskets on their backs. " * 8
 FAST = ["--max-length", "64", "--new-tokens", "4", "--speed-repeats", "1"]
@@ -45,7 +46,7 @@ def test_quantize_writes_a_reloadable_folder_and_prints_the_checklist(
     for text in ("| perplexity |", "| KL(reference ‖ model)", "| decode tokens/s |", "| check | measured |"):
         assert text in printed
     assert "| perplexity increase | +" in printed or "| perplexity increase | -" in printed
-    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    saved = saved_hf_ptq_config(json.loads((out / "config.json").read_text())["quantization_config"])
     assert (saved["method"], saved["bits"], saved["group_size"]) == ("rtn", 4, 32)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model.model.layers[1].mlp.up_proj, hf_ptq.QuantLinear)
@@ -57,7 +58,7 @@ def test_gptq_flags_reach_the_config(tiny_llama_with_tokenizer_dir, tmp_path, te
     args = ["quantize", str(tiny_llama_with_tokenizer_dir), "--method", "gptq", "--group-size", "32", "--out", str(out)]
     args += ["--dataset", str(text_file), "--num-samples", "2", "--seq-len", "32", "--set", "desc_act=false"]
     assert main(args + ["--set", "damp_percent=0.05", "--no-eval"]) == 0
-    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    saved = saved_hf_ptq_config(json.loads((out / "config.json").read_text())["quantization_config"])
     assert (saved["method"], saved["desc_act"], saved["damp_percent"], saved["num_samples"]) == ("gptq", False, 0.05, 2)
     assert saved["dataset_description"]["source"] == "file"
 
@@ -173,7 +174,7 @@ def test_optimum_cli_ptq_is_registered(tiny_llama_with_tokenizer_dir, tmp_path):
         "ptq", "quantize", str(tiny_llama_with_tokenizer_dir), "--group-size", "32", "--out", str(out), "--no-eval"
     )
     assert run.returncode == 0, run.stderr
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert saved_hf_ptq_config(json.loads((out / "config.json").read_text())["quantization_config"])["group_size"] == 32
 
 
 def test_every_command_has_its_help():

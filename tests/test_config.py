@@ -16,6 +16,7 @@ from transformers.quantizers import auto
 import hf_ptq
 import hf_ptq.registration
 from hf_ptq import PtqConfig
+from hf_ptq.formats.save import saved_hf_ptq_config
 from hf_ptq.nn import QuantLinear
 from hf_ptq.quantizer import PtqHfQuantizer
 
@@ -157,7 +158,7 @@ def test_config_json_safe_with_dataset(tiny_llama_dir: Path, tmp_path: Path) -> 
     q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
     q.save_pretrained(tmp_path / "q")
     raw = (tmp_path / "q" / "config.json").read_text()
-    saved = json.loads(raw)["quantization_config"]
+    saved = saved_hf_ptq_config(json.loads(raw)["quantization_config"])
     for text in texts:
         assert text not in raw
         assert "secret" not in raw and "private" not in raw

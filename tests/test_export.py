@@ -37,6 +37,8 @@ def test_bad_arguments_name_what_is_supported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="format='onnx' is unknown. Supported formats: 'compressed-tensors'.*'gptq'"):
         hf_ptq.export(model, tmp_path / "x", format="onnx")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['gguf_type'\]; its options: none"):
+        hf_ptq.export(model, tmp_path / "x", format="compressed-tensors", gguf_type="q4_0")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['gguf_type'\]; its options: checkpoint_format"):
         hf_ptq.export(model, tmp_path / "x", format="gptq", gguf_type="q4_0")
     assert not list(tmp_path.iterdir())
 

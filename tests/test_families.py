@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
 from hf_ptq import PtqConfig
+from hf_ptq.formats.save import saved_hf_ptq_config
 from hf_ptq.nn import QuantLinear
 
 CONFIGS = {"rtn-w4-g32-asym": rtn_w4, "int8": int8}
@@ -103,7 +104,7 @@ def test_quantize_save_reload(family_name: str, config_name: str, float_checkpoi
     files = sorted(p.name for p in saved.iterdir())
     assert any(f.endswith(".safetensors") for f in files)
     assert all(f.endswith((".safetensors", ".json")) for f in files), files
-    qcfg = json.loads((saved / "config.json").read_text())["quantization_config"]
+    qcfg = saved_hf_ptq_config(json.loads((saved / "config.json").read_text())["quantization_config"])
     assert qcfg["quant_method"] == "hf_ptq"
     assert (qcfg["method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"]) == (
         cfg.method,
@@ -152,7 +153,7 @@ def test_modules_to_not_convert(family_name: str, float_checkpoints, tmp_path: P
         assert isinstance(module, (torch.nn.Linear, Conv1D)) and not isinstance(module, QuantLinear)
         assert torch.equal(module.weight, float_model.get_submodule(name).weight)
     q.save_pretrained(tmp_path / "q")
-    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    saved = saved_hf_ptq_config(json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"])
     assert saved["modules_to_not_convert"] == [family.down_proj]
     r = family.auto_class.from_pretrained(tmp_path / "q")
     assert quant_names(r) == quant_names(q)

@@ -29,6 +29,7 @@ from hf_ptq.cli import main
 from hf_ptq.config import MAX_AWQ_GRID
 from hf_ptq.config_base import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
 from hf_ptq.core.finite import NonFiniteError, NonFiniteWeights, require_finite_weight
+from hf_ptq.formats.save import saved_hf_ptq_config
 from hf_ptq.methods import method_spec
 from hf_ptq.methods.gptq import DAMP_FLOOR, MAX_DAMP, damping_schedule, inverse_hessian_factor
 from hf_ptq.nn import QuantLinear
@@ -409,7 +410,7 @@ def edited_copy(saved: Path, target: Path, **changes) -> Path:
     for f in saved.iterdir():
         (target / f.name).write_bytes(f.read_bytes())
     config = json.loads((target / "config.json").read_text())
-    config["quantization_config"].update(changes)
+    saved_hf_ptq_config(config["quantization_config"]).update(changes)
     (target / "config.json").write_text(json.dumps(config))
     return target
 

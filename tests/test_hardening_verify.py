@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 import hf_ptq
 from hf_ptq.cli import main as cli_main
 from hf_ptq.formats.checksums import METADATA_KEY, checksum_metadata
+from hf_ptq.formats.save import saved_hf_ptq_config
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -71,7 +72,7 @@ def _rewrite(file: Path, edit, rehash: bool = True) -> None:
 def _edit_config(folder: Path, **fields) -> None:
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config["quantization_config"].update(fields)
+    saved_hf_ptq_config(config["quantization_config"]).update(fields)
     path.write_text(json.dumps(config))
 
 

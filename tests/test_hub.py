@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_ptq
 from hf_ptq import PtqConfig
+from hf_ptq.formats.save import saved_hf_ptq_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -106,7 +107,7 @@ def test_model_push_to_hub(hub: FakeHub, quantized, tmp_path: Path) -> None:
     assert hub.readme_yaml[0]["library_name"] == "transformers"
 
     config = json.loads(files["config.json"])
-    assert config["quantization_config"]["quant_method"] == "hf_ptq"
+    assert saved_hf_ptq_config(config["quantization_config"])["quant_method"] == "hf_ptq"
 
     folder = write_files(files, tmp_path / "downloaded")
     reloaded = AutoModelForCausalLM.from_pretrained(folder)

@@ -24,12 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gguf-type", default="auto", choices=GGUF_TYPES, help="GGUF block type (default auto: the exact fit)"
     )
+    parser.add_argument(
+        "--checkpoint-format",
+        default="gptq",
+        choices=("gptq", "gptq_v2"),
+        help="GPTQ layout: gptq (v1, every GPTQ loader; default) or gptq_v2 (gptqmodel's own loader)",
+    )
     parser.add_argument("--tokenizer", metavar="NAME", help="tokenizer folder or Hub id (default: the one in DIR)")
 
 
 def export_options(args: argparse.Namespace) -> dict:
     """The `export` keyword options of the chosen format from the flags."""
-    return {"gguf_type": args.gguf_type} if args.format == "gguf" else {}
+    if args.format == "gguf":
+        return {"gguf_type": args.gguf_type}
+    return {"checkpoint_format": args.checkpoint_format} if args.format == "gptq" else {}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -132,6 +132,28 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
+HF_PTQ_KEY = "hf_ptq"  # hf_ptq's own config inside a saved compressed-tensors block (its readers ignore the key)
+
+
+def portable_block(model: nn.Module) -> dict[str, Any] | None:
+    """config.json's `quantization_config` for `save_pretrained`: the compressed-tensors block that plain
+    transformers (with compressed-tensors) and vLLM read, with hf_ptq's own config under `HF_PTQ_KEY` so that hf_ptq
+    rebuilds exactly its model; None when compressed-tensors cannot express the model (`why_not_portable`)."""
+    if why_not_portable(model) is not None:
+        return None
+    return quantization_config(model) | {HF_PTQ_KEY: model.config.quantization_config.to_dict()}
+
+
+def why_not_portable(model: nn.Module) -> str | None:
+    """Why compressed-tensors cannot hold `model` (float zero points, asymmetric act-order, GPT-2 Conv1D layers,
+    mixed schemes, another package's modules), or None when it can."""
+    try:
+        check(model)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def check(model: nn.Module, tokenizer: Any = None) -> None:
     if _w8a8_scheme(model) is None:
         _scheme(model)

@@ -1,12 +1,15 @@
-"""Export to the GPTQ checkpoint format (`quant_method: "gptq"`, `checkpoint_format: "gptq"`, i.e. GPTQ "v1").
+"""Export to the GPTQ checkpoint format (`quant_method: "gptq"`): `checkpoint_format="gptq"` (v1, the default,
+what every GPTQ reader takes) or `"gptq_v2"` (zero points stored as they are; gptqmodel's own loader takes it for
+asymmetric weights, which it refuses in v1 unless gptqmodel itself wrote the file).
 
 Per quantized Linear with `in` inputs, `out` outputs, `b` bits and `G` groups (G = 1 per-channel / per-tensor):
     qweight  int32 [in*b/32, out]   unsigned values u = q + 2^(b-1) in [0, 2^b), packed along the input dimension:
                                     value i of every run of 32 at bits [i*b, (i+1)*b) of the little-endian bit stream
                                     of b consecutive words (4-bit: eight to a word, the first in the lowest nibble;
                                     3-bit values straddle words)
-    qzeros   int32 [G, out*b/32]    unsigned zero points MINUS ONE (the v1 convention), packed the same way along the
-                                    output dimension; symmetric weights store 2^(b-1) - 1 (0x77777777 for 4-bit)
+    qzeros   int32 [G, out*b/32]    unsigned zero points MINUS ONE (the v1 convention; v2: the zero points), packed
+                                    the same way along the output dimension; symmetric weights store 2^(b-1) - 1
+                                    (0x77777777 for 4-bit; v2: 0x88888888)
     scales   float16 [G, out]
     g_idx    int32 [in]             group of each input channel (act-order: as GPTQ left it; else i // group_size)
     bias     [out]                  when the Linear has one
@@ -40,6 +43,7 @@ from .layers import float_linears, quantized_layers, refuse_float_zero_points
 logger = logging.get_logger(__name__)
 
 FORMAT = "gptq"
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 def _group_of_inputs(layer: QuantLinear) -> torch.Tensor:
@@ -50,8 +54,8 @@ def _group_of_inputs(layer: QuantLinear) -> torch.Tensor:
     return torch.arange(layer.in_features) // per_group
 
 
-def gptq_tensors(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], int]:
-    """The GPTQ v1 tensors of one layer (names without prefix), and how many values had to be clamped."""
+def gptq_tensors(layer: QuantLinear, v1: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """The GPTQ v1 (or v2) tensors of one layer (names without prefix), and how many values had to be clamped."""
     qw = layer.quantized_weight()
     bits, out_f = layer.bits, layer.out_features
     g_idx = _group_of_inputs(layer)
@@ -67,14 +71,14 @@ def gptq_tensors(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], int]:
     # v1 stores zero - 1: move groups whose unsigned zero is 0 (signed qmin) to 1, raising their integers by one
     low = zero == qmin  # [out, groups]
     clamped = 0
-    if low.any():
+    if v1 and low.any():
         raise_q = low.gather(1, g_idx.expand(out_f, -1))  # [out, in]: members of such groups
         clamped = int((raise_q & (q == qmax)).sum())
         q = torch.where(raise_q, (q + 1).clamp(max=qmax), q)
         zero = torch.where(low, zero + 1, zero)
     tensors = {
         "qweight": pack_int32(q.to(torch.int8).t().contiguous(), bits, dim=0),
-        "qzeros": pack_int32((zero - 1).to(torch.int8).t().contiguous(), bits, dim=1),
+        "qzeros": pack_int32((zero - 1 if v1 else zero).to(torch.int8).t().contiguous(), bits, dim=1),
         "scales": scale.t().contiguous().to(torch.float16),
         "g_idx": g_idx.to(torch.int32),
     }
@@ -89,7 +93,7 @@ def _setting(cfg: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def quantization_config(model: nn.Module) -> dict[str, Any]:
+def quantization_config(model: nn.Module, checkpoint_format: str = "gptq") -> dict[str, Any]:
     """config.json's `quantization_config` (also written as quantize_config.json, where older loaders look)."""
     from .. import __version__
 
@@ -98,7 +102,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model.config, "quantization_config", None)
     config: dict[str, Any] = {
         "quant_method": "gptq",
-        "checkpoint_format": "gptq",
+        "checkpoint_format": checkpoint_format,
         "bits": bits,
         "group_size": group_size if group_size > 0 else -1,
         "desc_act": any(m.weight_g_idx is not None for _, m in layers),
@@ -116,7 +120,12 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def check(model: nn.Module, tokenizer: Any = None) -> None:
+def check(model: nn.Module, tokenizer: Any = None, checkpoint_format: str = "gptq") -> None:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(
+            f"export(format={FORMAT!r}) checkpoint_format={checkpoint_format!r} is invalid: checkpoint_format must be "
+            "'gptq' (v1, read by every GPTQ loader) or 'gptq_v2' (gptqmodel's own loader)."
+        )
     layers = quantized_layers(model, FORMAT)
     refuse_float_zero_points(layers, FORMAT)
     schemes = {(m.bits, m.group_size, m.sym) for _, m in layers}
@@ -138,13 +147,18 @@ def check(model: nn.Module, tokenizer: Any = None) -> None:
             raise ValueError(f"export(format={FORMAT!r}): layer {name!r} has scales beyond float16's range")
 
 
-@export_format(FORMAT, "GPTQ v1 qweight / qzeros / scales / g_idx; gptqmodel, vLLM, transformers read it", check)
-def write(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
+@export_format(
+    FORMAT,
+    "GPTQ v1 (or checkpoint_format='gptq_v2') qweight / qzeros / scales / g_idx; gptqmodel, vLLM, transformers read it",
+    check,
+    options=("checkpoint_format",),
+)
+def write(model: nn.Module, folder: Path, tokenizer: Any = None, checkpoint_format: str = "gptq") -> None:
     layers = dict(quantized_layers(model, FORMAT))
     tensors = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers}
     clamped = 0
     for name, layer in logging.tqdm(layers.items(), desc="gptq export", unit="layer"):
-        layer_tensors, n = gptq_tensors(layer)
+        layer_tensors, n = gptq_tensors(layer, v1=checkpoint_format == "gptq")
         clamped += n
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors.items()})
     if clamped:
@@ -152,6 +166,6 @@ def write(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
             f"gptq export: {clamped} weight(s) in groups with zero point 0 were clamped by one step (the v1 format "
             "stores zero - 1 and cannot hold 0)."
         )
-    config = quantization_config(model)
+    config = quantization_config(model, checkpoint_format)
     write_checkpoint(model, folder, tensors, config)
     (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -20,6 +20,9 @@ from torch import nn
 
 from ..nn import QuantLinear, W8A8Linear
 from .safetensors_file import CheckpointError, SafetensorsHeader
+from .third_party.shell import CheckpointLinear
+
+CHECKED_MODULES = (QuantLinear, W8A8Linear, CheckpointLinear)  # modules whose tensors the checkpoint must match
 
 QUANTIZED_TENSORS = (
     "weight_packed",
@@ -28,6 +31,8 @@ QUANTIZED_TENSORS = (
     "weight_shape",
     "weight_g_idx",
     "input_scale",
+    "qweight",  # GPTQ / AWQ
+    "qzeros",
 )
 _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
@@ -45,6 +50,8 @@ _SAFETENSORS_DTYPES = {
 
 def _explain(module: nn.Module, tensor: str, config: Any) -> str:
     """Which config field says whether (and how) `module` has `tensor`."""
+    if isinstance(module, CheckpointLinear):
+        return module.explain(tensor)
     if isinstance(module, W8A8Linear):
         if tensor == "input_scale":
             return f"the config says activations={config.activations!r}"
@@ -85,12 +92,12 @@ def check_layout(model: nn.Module, config: Any, headers: list[SafetensorsHeader]
     modules = dict(model.named_modules())
     problems = []
     for prefix, module in modules.items():
-        if isinstance(module, (QuantLinear, W8A8Linear)):
+        if isinstance(module, CHECKED_MODULES):
             problems += _module_problems(prefix, module, config, by_module[prefix], where, headers)
     for name, header in where.items():  # quantized tensors under a layer the config keeps in full precision
         prefix, _, tensor = name.rpartition(".")
         owner = modules.get(prefix)
-        if tensor in QUANTIZED_TENSORS and owner is not None and not isinstance(owner, (QuantLinear, W8A8Linear)):
+        if tensor in QUANTIZED_TENSORS and owner is not None and not isinstance(owner, CHECKED_MODULES):
             problems.append(
                 f"{name} in {header.path.name}: {prefix} is quantized in the checkpoint, but the config keeps it "
                 f"in full precision (modules_to_not_convert={getattr(config, 'modules_to_not_convert', None)!r})"

@@ -39,7 +39,9 @@ import hf_ptq  # registers the quantization format with transformers: without it
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{repo_id}")
-```""",
+```
+
+{portability}""",
     "compressed-tensors": """Stored in the compressed-tensors format (no hf_ptq needed):
 
 ```bash
@@ -80,6 +82,24 @@ tokenizer = AutoTokenizer.from_pretrained("{repo_id}", gguf_file="{gguf_file}")
 }
 
 
+_PORTABLE = """Its config.json is a compressed-tensors block (hf_ptq's own settings nested under `"hf_ptq"`), so plain
+transformers with `pip install compressed-tensors` also loads it correctly without hf_ptq (dequantizing the weights
+to run float matmuls), and vLLM serves it. With `import hf_ptq` it runs on hf_ptq's packed kernels."""
+
+_NOT_PORTABLE = """It needs hf_ptq: compressed-tensors cannot express it ({why}), so its config.json says
+`quant_method: "hf_ptq"`, and transformers without hf_ptq would only warn and load random weights."""
+
+
+def _portability(model) -> str:
+    from .compressed_tensors import why_not_portable
+
+    why = why_not_portable(model)
+    if why is None:
+        return _PORTABLE
+    reason = why.split(". ")[0].rstrip(".").removeprefix("export(format='compressed-tensors'): ")
+    return _NOT_PORTABLE.format(why=reason.removeprefix("export(format='compressed-tensors') "))
+
+
 def _group_text(group_size: int) -> str:
     return {-1: "per-channel (-1)", 0: "per-tensor (0)"}.get(group_size, str(group_size))
 
@@ -109,7 +129,9 @@ def build_model_card(
         skipped=", ".join(f"`{m}`" for m in sorted(getattr(model.hf_quantizer, "modules_to_not_convert", []) or []))
         or "none",
         base_model=base,
-        how_to_load=_HOW_TO_LOAD[format].format(repo_id=repo_id, gguf_file=gguf_file),
+        how_to_load=_HOW_TO_LOAD[format].format(
+            repo_id=repo_id, gguf_file=gguf_file, portability=_portability(model) if format is None else ""
+        ),
         metrics=metric_text,
     )
     return ModelCard(text)

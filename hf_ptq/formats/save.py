@@ -7,14 +7,22 @@ quantized models get a `save_pretrained` that runs transformers' into a staging 
 place (`folders.staged_folder`): a kill at any moment leaves the old checkpoint or the new one. Files of the old
 folder that a save does not write (a tokenizer, a README, a `.git` folder) are kept, as transformers keeps them;
 the old weights and configs are not.
+
+Where compressed-tensors can express the model (integer weights with integer zero points, W8A8), config.json's
+`quantization_config` is written as a compressed-tensors block with hf_ptq's config nested under `"hf_ptq"`
+(`compressed_tensors.portable_block`): plain transformers + compressed-tensors and vLLM load it correctly without
+hf_ptq, and `import hf_ptq` reloads it on its own kernels. Other models keep `quant_method: "hf_ptq"` (see
+docs/format.md).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+import json
 import os
 import types
+from pathlib import Path
 from typing import Any
 
 from ..folders import staged_folder
@@ -55,6 +63,7 @@ def staged_save_pretrained(model, save_directory: str | os.PathLike, *args: Any,
     try:
         with staged_folder(save_directory, field="save_directory", superseded=superseded_by_save) as staging:
             save(model, staging, **kwargs)
+            write_portable_config(model, staging)
             for file in staging.glob("*.safetensors"):
                 sort_metadata(file)  # reproducible bytes: see `sort_metadata`
     finally:
@@ -65,6 +74,29 @@ def staged_save_pretrained(model, save_directory: str | os.PathLike, *args: Any,
 
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
         push_to_hub(model, repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+
+def write_portable_config(model, folder: Path) -> bool:
+    """Rewrite `folder`/config.json's `quantization_config` as the compressed-tensors block (hf_ptq's config nested)
+    when compressed-tensors can express `model`; True when it did."""
+    from .compressed_tensors import portable_block
+
+    path = Path(folder) / "config.json"
+    block = portable_block(model) if path.is_file() else None
+    if block is None:
+        return False
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["quantization_config"] = block
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
+def saved_hf_ptq_config(quantization_config: dict[str, Any]) -> dict[str, Any]:
+    """hf_ptq's config dict inside a saved `quantization_config` block (nested in a compressed-tensors block, or the
+    block itself)."""
+    from .compressed_tensors import HF_PTQ_KEY
+
+    return quantization_config.get(HF_PTQ_KEY, quantization_config)
 
 
 def attach_model_methods(model) -> None:

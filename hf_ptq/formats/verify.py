@@ -220,7 +220,8 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> VerifyReport:
     files = _checkpoint_files(folder)
     quant = saved.get("quantization_config") if isinstance(saved, dict) else None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if not (isinstance(method, str) and method.startswith("hf_ptq")):
+    taken_over = ("gptq", "awq", "compressed-tensors")  # loaded by hf_ptq's own loaders (docs/loading.md)
+    if not (isinstance(method, str) and (method.startswith("hf_ptq") or method in taken_over)):
         report = verify_checkpoint(None, None, files, checksums)
         report.notes.append(f"not an hf_ptq checkpoint (quant_method={method!r}): files and checksums checked only")
     else:
@@ -231,8 +232,13 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> VerifyReport:
         model = _meta_model(folder)
         try:
             quantizer = AutoHfQuantizer.from_config(quant, pre_quantized=True)
+            quantizer.validate_environment()  # settings hf_ptq's loaders do not run (GPTQ / AWQ / compressed-tensors)
         except ValueError as err:  # the saved config itself is refused (e.g. a newer format_version)
             raise CheckpointError(f"{config_path}: {err}") from None
+        if not hasattr(quantizer, "verify_report"):  # transformers' own loader was chosen (hf_ptq.use_backend)
+            report = verify_checkpoint(None, None, files, checksums)
+            report.notes = notes + report.notes + [f"quant_method={method!r} loads with transformers' own loader"]
+            return report
         quantizer.verify_checksums = checksums
         quantizer.preprocess_model(model, dtype=model.dtype, checkpoint_files=[str(f) for f in files])
         report = quantizer.verify_report

@@ -7,11 +7,14 @@ layout every bitsandbytes reader expects. The layers are bitsandbytes' own `Line
 what peft's LoRA recognises for QLoRA, and what `Trainer` accepts through `is_trainable`. Calling bitsandbytes
 directly would mean re-implementing that (de)serialization for no gain. What hf_ptq adds: its one config (the
 `BitsAndBytesConfig` is derived from it, and `PtqConfig` is what config.json records), its block size choice
-(`group_size`, which transformers does not expose), its skip list, tags and Hub upload with model card.
+(`group_size`, which transformers does not expose), its skip list, tags and Hub upload with model card, and saves
+that reload to the model that was saved, where transformers' do not after bitsandbytes' CPU repack
+(`restore_4bit_layout`, `prepare_4bit_layers`, and the deserialize converters dropped after a reload).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,15 +49,71 @@ def bnb_config(cfg: PtqConfig, skip: list[str] | None, dtype: torch.dtype | None
     )
 
 
+STANDARD_STATE = "_hf_ptq_standard_quant_state"  # Linear4bit attribute: its QuantState before the CPU repack
+
+
+def cpu_repack_applies(module: torch.nn.Module) -> bool:
+    """Whether bitsandbytes' CPU repack (`_convert_weight_packed_for_cpu`, run at the first forward on CPUs with
+    AVX512-BF16) can take this `Linear4bit`: out_features a multiple of its tile of 32 rows and in_features a multiple
+    of the block size. On other shapes (a 16-row k_proj, a block wider than a row) it fails in the forward."""
+    state = module.weight.quant_state
+    out_features, in_features = state.shape
+    return out_features % 32 == 0 and in_features % state.blocksize == 0
+
+
+def remember_standard_state(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a `Linear4bit`: keep the quantization state that bitsandbytes' CPU repack is about to
+    overwrite in place (a shallow copy: the repack replaces the state's tensors, it does not write into them)."""
+    if not module.support_avx512bf16_for_cpu or module.weight.device.type != "cpu":
+        return  # no repack: nothing to keep
+    state = getattr(module.weight, "quant_state", None)
+    state = module.quant_state if state is None else state
+    if state is not None and not getattr(state, "packing_format_for_cpu", False):
+        setattr(module, STANDARD_STATE, copy.copy(state))
+
+
+def prepare_4bit_layers(model: torch.nn.Module) -> None:
+    """Make every `Linear4bit` of a loaded model save what it computes with: layers bitsandbytes' CPU kernel cannot
+    take run on its generic path (instead of failing at the first forward), the others remember their standard
+    quantization state before each repack (`remember_standard_state`, used by `restore_4bit_layout`)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or getattr(module.weight, "quant_state", None) is None:
+            continue
+        if not cpu_repack_applies(module):
+            module.support_avx512bf16_for_cpu = False
+        elif not getattr(module, "_hf_ptq_prepared", False):
+            module.register_forward_pre_hook(remember_standard_state)
+            module._hf_ptq_prepared = True
+
+
+def cpu_absmax(state) -> torch.Tensor:
+    """The block scales bitsandbytes' CPU repack makes of a standard `state`: dequantized, [blocks_per_row, out],
+    bf16 (the same operations as `_convert_weight_packed_for_cpu`)."""
+    from bitsandbytes import functional
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = functional.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        absmax = absmax.float()
+    out_features, in_features = state.shape
+    return absmax.reshape(out_features, in_features // state.blocksize).T.to(torch.bfloat16)
+
+
 def restore_4bit_layout(model: torch.nn.Module) -> int:
     """Turn `Linear4bit` weights that bitsandbytes repacked for its CPU kernel back into the standard layout, so that
     a save writes what a reload reads; returns how many layers were restored.
 
-    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight at its first forward. Its own inverse,
-    run by `Linear4bit._save_to_state_dict`, restores the weight but leaves non-nested absmax in the kernel's
-    transposed [blocks_per_row, out] layout: a model saved after inference reloads with wrong block scales. Here the
-    inverse runs first and the absmax is put back in block order [out * blocks_per_row] (the values the repacked
-    model computes with). The next forward repacks again.
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight at its first forward: the packed weight is
+    a permutation of the standard one, the block scales become dequantized bf16 in a transposed [blocks_per_row, out]
+    layout. Its own inverse, run by `Linear4bit._save_to_state_dict`, restores the weight but leaves non-nested
+    absmax transposed (a reload reads the scales in the wrong order) and re-quantizes nested (double quant) absmax
+    from the bf16 values (not the saved model's scales). Here the weight is inverted and the quantization state is
+    the one the layer had before the repack (`remember_standard_state`), checked against the scales the layer
+    computes with; without it, the scales the layer computes with are written, in block order, not nested. The next
+    forward repacks again, to the same tensors.
     """
     import bitsandbytes as bnb
     from bitsandbytes import functional
@@ -65,11 +124,18 @@ def restore_4bit_layout(model: torch.nn.Module) -> int:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if not isinstance(module, bnb.nn.Linear4bit) or not getattr(state, "packing_format_for_cpu", False):
             continue
-        nested = state.original_nested
+        packed_absmax = state.absmax
+        standard = getattr(module, STANDARD_STATE, None)
+        if standard is not None and not torch.equal(cpu_absmax(standard), packed_absmax):
+            standard = None  # the state changed after the hook saw it: write what the layer computes with
+        if standard is None:
+            state.original_nested = False  # keeps the inverse from re-quantizing the bf16 scales
         data, state = inverse(module.weight.data, state)
-        if not nested:
-            state.absmax = state.absmax.T.reshape(-1).float().contiguous()
-        module.weight.data, module.weight.quant_state = data, state
+        if standard is None:
+            state.absmax = packed_absmax.T.reshape(-1).float().contiguous()
+        else:
+            state = standard
+        module.weight.data, module.weight.quant_state, module.quant_state = data, state, state
         restored += 1
     return restored
 
@@ -126,6 +192,16 @@ class BnbHfQuantizer(PtqHfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
         self._delegate._process_model_after_weight_loading(model, **kwargs)  # sets is_loaded_in_4bit / 8bit
+        prepare_4bit_layers(model)
+        if self.pre_quantized:
+            # transformers keeps the deserialize converters to revert them on save, but they have no reverse op: a
+            # reloaded model would fail to save (NotImplementedError). Its state dict already holds the serialized
+            # names the converters read (`weight`, `weight.absmax`, `SCB`, ...), so saving needs no conversion.
+            ops = tuple(self._delegate.get_load_operations().values())
+            conversions = getattr(model, "_weight_conversions", None) or []
+            model._weight_conversions = [
+                c for c in conversions if not any(isinstance(op, ops) for op in getattr(c, "operations", ()))
+            ]
         return super()._process_model_after_weight_loading(model, **kwargs)
 
     def get_quantize_ops(self):
@@ -143,6 +219,7 @@ class BnbHfQuantizer(PtqHfQuantizer):
         return True
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None):
+        restore_4bit_layout(model)  # bitsandbytes' dequantize reads the standard layout only
         return self._delegate._dequantize(model, dtype=dtype)
 
 

@@ -1,0 +1,2 @@
+"""Readers of checkpoints other tools wrote (GPTQ, AWQ, compressed-tensors): the modules their tensors load into
+and the conversion into hf_ptq's packed modules. The quantizers that use them: `hf_ptq.quantizer.third_party`."""
