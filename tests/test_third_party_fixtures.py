@@ -148,3 +148,40 @@ def test_hf_ptq_compressed_tensors_export_loads_back_on_hf_ptq(tmp_path, tiny_ll
     again.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "compressed-tensors" and saved_hf_ptq_config(saved)["sym"] == sym
+
+
+class _TransformersQuantizer:
+    def __init__(self, quantization_config, **kwargs):
+        raise RuntimeError(f"handed to transformers with {type(quantization_config).__name__}")
+
+
+def _fp8_checkpoint(folder: Path) -> Path:
+    """A compressed-tensors FP8 config (a format hf_ptq does not run) over the w8a16 fixture's tensors."""
+    folder.mkdir()
+    for f in (FIXTURES / "llmcompressor" / "w8a16").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    group["format"] = config["quantization_config"]["format"] = "float-quantized"
+    group["weights"]["type"] = "float"
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unsupported_compressed_tensors_format_is_refused_naming_the_field(tmp_path, monkeypatch):
+    """Without the package transformers' own loader needs, a format hf_ptq does not run is refused before any
+    weight is read."""
+    from transformers.quantizers import auto
+
+    monkeypatch.setattr(auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"], "packages", ("no_such_package_here",))
+    with pytest.raises(ValueError, match=r"format='float-quantized': hf_ptq runs compressed-tensors checkpoints"):
+        AutoModelForCausalLM.from_pretrained(_fp8_checkpoint(tmp_path / "fp8"))
+
+
+def test_unsupported_format_goes_to_transformers_loader_when_its_package_is_installed(tmp_path, monkeypatch):
+    pytest.importorskip("compressed_tensors")
+    from transformers.quantizers import auto
+
+    monkeypatch.setattr(auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"], "original", _TransformersQuantizer)
+    with pytest.raises(RuntimeError, match="handed to transformers with CompressedTensorsConfig"):
+        AutoModelForCausalLM.from_pretrained(_fp8_checkpoint(tmp_path / "fp8"))

@@ -14,6 +14,7 @@ user chose that backend: `hf_ptq.quantizer.backends`); otherwise:
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,11 +47,31 @@ class CheckpointHfQuantizer(HfQuantizer):
     reader: ModuleType
     original: type[HfQuantizer] | None = None  # transformers' own quantizer, set by `registration.take_over`
 
+    packages: tuple[str, ...] = ()  # what transformers' own loader of the format needs (import names)
+
     def __new__(cls, quantization_config: Any = None, **kwargs: Any):
+        """transformers' own quantizer where hf_ptq should not take the load: quantizing a float model, the user
+        chose transformers' backend, or a setting hf_ptq does not run while that loader's packages are installed
+        (without them the setting is refused here, naming the field)."""
         if quantization_config is not None and cls.original is not None:
             if not kwargs.get("pre_quantized", True) or backend_for(cls.quant_method_name) != HF_PTQ:
-                return cls.original(quantization_config, **kwargs)
+                return cls.original(cls.original_config(quantization_config), **kwargs)
+            try:
+                cls.reader.check_config(quantization_config)
+            except ValueError as err:
+                if not cls.packages or not all(importlib.util.find_spec(p) for p in cls.packages):
+                    raise
+                logger.warning(
+                    f"hf_ptq does not run this {cls.tool} checkpoint ({str(err).split(': ', 1)[-1].split('. ')[0]}); "
+                    f"transformers' own loader takes it ({', '.join(cls.packages)} installed)."
+                )
+                return cls.original(cls.original_config(quantization_config), **kwargs)
         return super().__new__(cls)
+
+    @classmethod
+    def original_config(cls, quantization_config: Any) -> Any:
+        """`quantization_config` as transformers' own quantizer takes it."""
+        return quantization_config
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.reader.check_config(self.quantization_config)
@@ -170,10 +191,12 @@ class CheckpointHfQuantizer(HfQuantizer):
 
 class GptqCheckpointHfQuantizer(CheckpointHfQuantizer):
     quant_method_name, tool, reader = "gptq", "GPTQ", gptq
+    packages = ("optimum", "gptqmodel")
 
 
 class AwqCheckpointHfQuantizer(CheckpointHfQuantizer):
     quant_method_name, tool, reader = "awq", "AWQ", awq
+    packages = ("gptqmodel",)
 
 
 class CompressedTensorsCheckpointHfQuantizer(CheckpointHfQuantizer):
@@ -181,6 +204,15 @@ class CompressedTensorsCheckpointHfQuantizer(CheckpointHfQuantizer):
     `save_pretrained`) get hf_ptq's quantizer for that config, as if saved with `quant_method: "hf_ptq"`."""
 
     quant_method_name, tool, reader = "compressed-tensors", "compressed-tensors", compressed_tensors
+    packages = ("compressed_tensors",)
+
+    @classmethod
+    def original_config(cls, quantization_config: Any) -> Any:
+        """transformers' `CompressedTensorsConfig` of the saved block (it needs the compressed-tensors package)."""
+        if not isinstance(quantization_config, CompressedTensorsCheckpointConfig):
+            return quantization_config
+        original = auto.AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"].original
+        return original.from_dict(quantization_config.to_dict())
 
     def __new__(cls, quantization_config: Any = None, **kwargs: Any):
         own = _own_config(quantization_config)
