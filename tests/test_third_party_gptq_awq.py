@@ -79,19 +79,29 @@ def reference_awq_pack(u: torch.Tensor) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
-def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+def _layers(model: torch.nn.Module, lm_head: bool = False) -> list[tuple[str, torch.nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and (lm_head or n != "lm_head")]
 
 
 def write_gptq(
-    folder: Path, *, bits=4, group_size=32, sym=False, desc_act=False, v1=True, seed=0, zero_zero=False, extra=None
+    folder: Path,
+    *,
+    bits=4,
+    group_size=32,
+    sym=False,
+    desc_act=False,
+    v1=True,
+    seed=0,
+    zero_zero=False,
+    extra=None,
+    lm_head=False,
 ):
     """A GPTQ checkpoint of random integers, scales and zero points; returns (float model holding the reference
     dequantized weights, {layer: weight [out, in]})."""
     model = _tiny_llama(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     tensors, reference = {}, {}
-    for name, layer in _layers(model):
+    for name, layer in _layers(model, lm_head):
         out_f, in_f = layer.out_features, layer.in_features
         groups = 1 if group_size == -1 else in_f // group_size
         u = torch.randint(0, 2**bits, (in_f, out_f), generator=gen)
@@ -228,6 +238,19 @@ def test_gptq_checkpoint_saves_and_reloads_bit_identically(tmp_path):
     state, again = model.state_dict(), reloaded.state_dict()
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
     assert torch.equal(_logits(model), _logits(reloaded))
+
+
+def test_quantized_lm_head_is_kept_as_its_dequantized_weight(tmp_path):
+    """gptqmodel's `lm_head: true`: hf_ptq keeps output embeddings in full precision, so the loaded lm_head is a
+    float Linear holding exactly the dequantized weight, and the model saves and reloads."""
+    reference_model, reference = write_gptq(tmp_path / "ckpt", lm_head=True, extra={"lm_head": True})
+    model = _load(tmp_path / "ckpt")
+    assert type(model.lm_head) is torch.nn.Linear and torch.equal(model.lm_head.weight, reference["lm_head"])
+    _assert_weights(model, {k: v for k, v in reference.items() if k != "lm_head"})
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = _load(tmp_path / "saved")
+    assert torch.equal(reloaded.lm_head.weight, reference["lm_head"])
+    assert torch.equal(_logits(reloaded), _logits(model))
 
 
 @pytest.mark.parametrize("bits", [4, 3, 8])

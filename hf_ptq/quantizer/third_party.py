@@ -132,6 +132,7 @@ class CheckpointHfQuantizer(HfQuantizer):
         # replaced, so the model holds at most one layer twice
         for name in logging.tqdm(shells, desc=f"hf_ptq: {self.tool} layers", unit="layer", leave=False):
             model.set_submodule(name, model.get_submodule(name).convert(sym, act_order))
+        self._dequantize_output_embedding(model)
         own = self._own_quantizer(model, sym, act_order)
         model.hf_quantizer = own
         model.config.quantization_config = own.quantization_config
@@ -144,6 +145,26 @@ class CheckpointHfQuantizer(HfQuantizer):
             f"loader instead: hf_ptq.use_backend({self.quant_method_name!r}, 'transformers')."
         )
         return model
+
+    def _dequantize_output_embedding(self, model) -> None:
+        """A quantized `lm_head` (gptqmodel's `lm_head: true`) becomes a float Linear of its dequantized weight:
+        hf_ptq keeps the output embedding in full precision, so this is what its config can describe and reload;
+        the logits are those of the quantized weights."""
+        head = model.get_output_embeddings()
+        if not isinstance(head, QuantLinear):
+            return
+        name = next(n for n, m in model.named_modules() if m is head)
+        linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        linear.weight = nn.Parameter(head.dequantized_weight(), requires_grad=False)
+        if head.bias is not None:
+            linear.bias = nn.Parameter(head.bias.detach().clone(), requires_grad=False)
+        model.set_submodule(name, linear)
+        self.layer_names.remove(name)
+        logger.warning(
+            f"hf_ptq: this {self.tool} checkpoint quantizes the output embedding {name!r}; hf_ptq keeps it in full "
+            f"precision, so it holds the dequantized weight ({head.out_features} x {head.in_features}, "
+            f"{head.weight_scale.dtype}): the same logits, more memory."
+        )
 
     def _own_quantizer(self, model, sym: bool, act_order: bool) -> HfQuantizer:
         """hf_ptq's quantizer and config for the converted model (what reloading its save_pretrained builds)."""
