@@ -139,9 +139,11 @@ def portable_block(model: nn.Module) -> dict[str, Any] | None:
     """config.json's `quantization_config` for `save_pretrained`: the compressed-tensors block that plain
     transformers (with compressed-tensors) and vLLM read, with hf_ptq's own config under `HF_PTQ_KEY` so that hf_ptq
     rebuilds exactly its model; None when compressed-tensors cannot express the model (`why_not_portable`)."""
-    if why_not_portable(model) is not None:
+    try:
+        block = quantization_config(model)  # raises ValueError where `check` would (`why_not_portable`)
+    except ValueError:
         return None
-    return quantization_config(model) | {HF_PTQ_KEY: model.config.quantization_config.to_dict()}
+    return block | {HF_PTQ_KEY: model.config.quantization_config.to_dict()}
 
 
 def why_not_portable(model: nn.Module) -> str | None:

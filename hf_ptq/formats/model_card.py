@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -96,8 +97,8 @@ def _portability(model) -> str:
     why = why_not_portable(model)
     if why is None:
         return _PORTABLE
-    reason = why.split(". ")[0].rstrip(".").removeprefix("export(format='compressed-tensors'): ")
-    return _NOT_PORTABLE.format(why=reason.removeprefix("export(format='compressed-tensors') "))
+    reason = re.sub(r"^export\(format='compressed-tensors'\):? ", "", why.split(". ")[0].rstrip("."))
+    return _NOT_PORTABLE.format(why=reason)
 
 
 def _group_text(group_size: int) -> str:

@@ -29,6 +29,7 @@ from ..folders import recover_folder
 from .checksums import check_checksums
 from .layout_check import check_layout, check_values, raise_problems
 from .safetensors_file import CheckpointError, SafetensorsHeader, read_header
+from .third_party import TAKEN_OVER
 
 logger = logging.getLogger("hf_ptq")
 
@@ -220,8 +221,7 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> VerifyReport:
     files = _checkpoint_files(folder)
     quant = saved.get("quantization_config") if isinstance(saved, dict) else None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    taken_over = ("gptq", "awq", "compressed-tensors")  # loaded by hf_ptq's own loaders (docs/loading.md)
-    if not (isinstance(method, str) and (method.startswith("hf_ptq") or method in taken_over)):
+    if not (isinstance(method, str) and (method.startswith("hf_ptq") or method in TAKEN_OVER)):
         report = verify_checkpoint(None, None, files, checksums)
         report.notes.append(f"not an hf_ptq checkpoint (quant_method={method!r}): files and checksums checked only")
     else:
@@ -232,7 +232,6 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> VerifyReport:
         model = _meta_model(folder)
         try:
             quantizer = AutoHfQuantizer.from_config(quant, pre_quantized=True)
-            quantizer.validate_environment()  # settings hf_ptq's loaders do not run (GPTQ / AWQ / compressed-tensors)
         except ValueError as err:  # the saved config itself is refused (e.g. a newer format_version)
             raise CheckpointError(f"{config_path}: {err}") from None
         if not hasattr(quantizer, "verify_report"):  # transformers' own loader was chosen (hf_ptq.use_backend)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-TAKEN_OVER = ("gptq", "awq", "compressed-tensors")
+from ..formats.third_party import TAKEN_OVER
+
 HF_PTQ, TRANSFORMERS = "hf_ptq", "transformers"
 BACKENDS = (HF_PTQ, TRANSFORMERS)
 ENV = "HF_PTQ_BACKENDS"

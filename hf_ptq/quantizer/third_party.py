@@ -52,20 +52,23 @@ class CheckpointHfQuantizer(HfQuantizer):
     def __new__(cls, quantization_config: Any = None, **kwargs: Any):
         """transformers' own quantizer where hf_ptq should not take the load: quantizing a float model, the user
         chose transformers' backend, or a setting hf_ptq does not run while that loader's packages are installed
-        (without them the setting is refused here, naming the field)."""
-        if quantization_config is not None and cls.original is not None:
-            if not kwargs.get("pre_quantized", True) or backend_for(cls.quant_method_name) != HF_PTQ:
-                return cls.original(cls.original_config(quantization_config), **kwargs)
-            try:
-                cls.reader.check_config(quantization_config)
-            except ValueError as err:
-                if not cls.packages or not all(importlib.util.find_spec(p) for p in cls.packages):
-                    raise
-                logger.warning(
-                    f"hf_ptq does not run this {cls.tool} checkpoint ({str(err).split(': ', 1)[-1].split('. ')[0]}); "
-                    f"transformers' own loader takes it ({', '.join(cls.packages)} installed)."
-                )
-                return cls.original(cls.original_config(quantization_config), **kwargs)
+        (without them the setting is refused here, naming the field, before any weight is read)."""
+        if quantization_config is None:  # copy.deepcopy
+            return super().__new__(cls)
+        if cls.original is not None and (
+            not kwargs.get("pre_quantized", True) or backend_for(cls.quant_method_name) != HF_PTQ
+        ):
+            return cls.original(cls.original_config(quantization_config), **kwargs)
+        try:
+            cls.reader.check_config(quantization_config)
+        except ValueError as err:
+            if cls.original is None or not all(importlib.util.find_spec(p) for p in cls.packages):
+                raise
+            logger.warning(
+                f"hf_ptq does not run this {cls.tool} checkpoint ({str(err).split(': ', 1)[-1].split('. ')[0]}); "
+                f"transformers' own loader takes it ({', '.join(cls.packages)} installed)."
+            )
+            return cls.original(cls.original_config(quantization_config), **kwargs)
         return super().__new__(cls)
 
     @classmethod
@@ -73,21 +76,8 @@ class CheckpointHfQuantizer(HfQuantizer):
         """`quantization_config` as transformers' own quantizer takes it."""
         return quantization_config
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        self.reader.check_config(self.quantization_config)
-
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
-
-    def _layer_for(self, name: str, module: nn.Module, tensors: dict, dtype: torch.dtype) -> nn.Module | None:
-        bias = module.bias is not None
-        if self.reader is compressed_tensors:
-            return compressed_tensors.layer_for(
-                self.quantization_config, name, module, module.in_features, module.out_features, bias, tensors, dtype
-            )
-        return self.reader.layer_for(
-            self.quantization_config, name, module.in_features, module.out_features, bias, tensors, dtype
-        )
 
     def _process_model_before_weight_loading(self, model, dtype: torch.dtype | None = None, **kwargs: Any):
         files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
@@ -107,7 +97,7 @@ class CheckpointHfQuantizer(HfQuantizer):
             if type(module) is not nn.Linear:
                 continue
             with torch.device("meta"):
-                layer = self._layer_for(name, module, tensors, dtype)
+                layer = self.reader.layer_for(self.quantization_config, name, module, tensors, dtype)
             if layer is not None:
                 model.set_submodule(name, layer)
                 self.layer_names.append(name)

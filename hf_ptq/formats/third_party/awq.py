@@ -142,11 +142,12 @@ def check_config(config: Any) -> None:
 
 
 def layer_for(
-    config: Any, name: str, in_f: int, out_f: int, bias: bool, tensors: dict[str, TensorEntry], dtype: torch.dtype
+    config: Any, name: str, module: torch.nn.Linear, tensors: dict[str, TensorEntry], dtype: torch.dtype
 ) -> CheckpointLinear | None:
     """The shell for Linear `name` when the checkpoint holds `name.qweight`, else None (kept in full precision)."""
     if f"{name}.qweight" not in tensors:
         return None
+    in_f, out_f, bias = module.in_features, module.out_features, module.bias is not None
     if _layout(config) == "gemv":
         if config.group_size <= 0:
             raise ValueError("quantization_config.group_size=-1: hf_ptq runs AWQ GEMV checkpoints with groups only.")

@@ -60,7 +60,7 @@ class CompressedTensorsCheckpointConfig(QuantizationConfigMixin):
         return self.to_dict()
 
     def __getattr__(self, name: str) -> Any:
-        if name == "saved":
+        if name == "saved" or name.startswith("_"):
             raise AttributeError(name)
         try:
             return self.saved[name]
@@ -170,11 +170,21 @@ def _matches(name: str, module: nn.Module, target: str) -> bool:
     return target in (type(module).__name__, name)
 
 
+def _parsed(config: Any) -> tuple[list[GroupScheme], list[str]]:
+    """(group schemes, ignore list) of `config`, parsed once per config object (`scheme_of` asks per Linear)."""
+    cached = getattr(config, "_parsed_groups", None)
+    if cached is None:
+        cached = (group_schemes(config), list(config.to_dict().get("ignore") or ()))
+        config._parsed_groups = cached  # an attribute, not a saved key: `to_dict` returns the saved block only
+    return cached
+
+
 def scheme_of(config: Any, name: str, module: nn.Module) -> GroupScheme | None:
     """The scheme of module `name` (None: it keeps its float weights)."""
-    if any(_matches(name, module, t) for t in config.to_dict().get("ignore") or ()):
+    schemes, ignore = _parsed(config)
+    if any(_matches(name, module, t) for t in ignore):
         return None
-    for scheme in group_schemes(config):
+    for scheme in schemes:
         if any(_matches(name, module, t) for t in scheme.targets):
             return None if scheme.format == DENSE else scheme
     return None
@@ -208,19 +218,13 @@ class IntWeightLinear(CheckpointLinear):
 
 
 def layer_for(
-    config: Any,
-    name: str,
-    module: nn.Module,
-    in_f: int,
-    out_f: int,
-    bias: bool,
-    tensors: dict[str, TensorEntry],
-    dtype: torch.dtype,
+    config: Any, name: str, module: nn.Linear, tensors: dict[str, TensorEntry], dtype: torch.dtype
 ) -> nn.Module | None:
     """The module Linear `name` is loaded into (on meta), or None when it keeps its float weights."""
     scheme = scheme_of(config, name, module)
     if scheme is None:
         return None
+    in_f, out_f, bias = module.in_features, module.out_features, module.bias is not None
     if scheme.activations:
         return W8A8Linear(in_f, out_f, bias, scheme.activations == "static", dtype=dtype)
     if scheme.format == PACKED:
