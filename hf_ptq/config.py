@@ -54,6 +54,7 @@ _METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
     ),
     "block_size": (128, _is_positive_int, "a positive integer (columns per lazy GPTQ update, e.g. 128)"),
     "clip": (True, _is_bool, "True or False"),
+    "full_range": (False, _is_bool, "True or False"),
     "duo_scaling": (True, _is_bool, "True or False"),
     "grid": (
         20,
@@ -109,6 +110,11 @@ class PtqConfig(HfPtqConfig):
             `method="gptq"`.
         duo_scaling, grid: AWQ options (see docs/awq.md; `grid` from 1 to 100); only accepted with `method="awq"`.
         clip, true_sequential: range search and stage-by-stage calibration, for `gptq` and `awq`.
+        full_range: `rtn`, `gptq` and `awq`, with `sym=True` only: the symmetric grid of all 2^b levels, as
+            llama.cpp's Q4_0: per group `scale = m / -2^(b-1)` for the signed value m of largest magnitude (negative
+            where m > 0), integers in [-2^(b-1), 2^(b-1) - 1], so m lands on -2^(b-1) and the step is
+            max|w| / 2^(b-1) instead of max|w| / (2^(b-1) - 1); `clip` searches the same grid (default False: scales
+            > 0, integers in [-(2^(b-1) - 1), 2^(b-1) - 1]). See docs/rtn.md.
         compute_dtype: dtype of the quantized matmuls: `"auto"` (on CPU: the packed kernels in bf16, the dequantize
             path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
             docs/kernels.md) or `"bfloat16"` / `"float16"` / `"float32"`. For `nf4` / `fp4` it is bitsandbytes'
@@ -139,6 +145,7 @@ class PtqConfig(HfPtqConfig):
         true_sequential: bool | None = None,
         block_size: int | None = None,
         clip: bool | None = None,
+        full_range: bool | None = None,
         duo_scaling: bool | None = None,
         grid: int | None = None,
         double_quant: bool | None = None,
@@ -169,6 +176,7 @@ class PtqConfig(HfPtqConfig):
         self.true_sequential = true_sequential
         self.block_size = block_size
         self.clip = clip
+        self.full_range = full_range
         self.duo_scaling = duo_scaling
         self.grid = grid
         self.double_quant = double_quant
@@ -260,6 +268,11 @@ class PtqConfig(HfPtqConfig):
                 setattr(self, field, default)
             elif not check(value):
                 raise _fail(field, value, allowed)
+        if self.full_range and not self.sym:
+            raise ValueError(
+                f"PtqConfig.full_range=True needs sym=True (got sym={self.sym!r}): the full-range grid is symmetric, "
+                "with no zero point. Set sym=True or drop full_range."
+            )
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
         if spec.check is not None:
@@ -277,6 +290,8 @@ class PtqConfig(HfPtqConfig):
         """One line for logs and model cards, e.g. `rtn w4 g128 asym`."""
         gran = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
         text = f"{self.method} w{self.bits} {gran} {'sym' if self.sym else 'asym'}"
+        if self.full_range:
+            text += " full-range"
         if self.desc_act:
             text += " act-order" + (" static-groups" if self.static_groups else "")
         if self.double_quant:

@@ -51,7 +51,7 @@ def test_export_from_a_saved_folder_stages_and_replaces_only_with_overwrite(save
     with pytest.raises(FileExistsError, match="out_dir=.* exists and is not empty"):
         hf_ptq.export(str(saved), out, format="gguf")
     with pytest.raises(ValueError, match="gguf_type must be one of"):
-        hf_ptq.export(str(saved), out, format="gguf", gguf_type="q5_k", overwrite=True)
+        hf_ptq.export(str(saved), out, format="gguf", gguf_type="q2_k", overwrite=True)
     assert (out / "model-Q4_0.gguf").stat().st_mtime_ns == before  # a failed export left the folder as it was
     hf_ptq.export(str(saved), out, format="compressed-tensors", overwrite=True)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}

@@ -31,6 +31,9 @@ CASES = {
     "w3-g32-asym": (lambda: PtqConfig(bits=3, group_size=32), "auto", "Q4_1", True),
     "w4-g32-asym-to-q4_0": (lambda: PtqConfig(bits=4, group_size=32), "q4_0", "Q4_0", False),
     "hqq-w4-g64": (lambda: PtqConfig(method="hqq", bits=4, group_size=64), "auto", "Q4_1", True),  # float zeros
+    # Q4_K_M on rows of 64 inputs: llama.cpp's fallback Q5_0 holds a 4-bit asymmetric grid (n in [-15, 15]) exactly
+    "w4-g32-asym-q4_k_m": (lambda: PtqConfig(bits=4, group_size=32), "q4_k_m", "Q5_0", True),
+    "w4-g32-sym-q4_0-preset": (lambda: PtqConfig(bits=4, group_size=32, sym=True), "q4_0", "Q4_0", True),
 }
 
 
@@ -96,12 +99,13 @@ def test_transformers_reads_the_export(case, small_model_dir, tokenizer, tmp_pat
     make_config, gguf_type, written, exact = CASES[case]
     model = AutoModelForCausalLM.from_pretrained(small_model_dir, quantization_config=make_config())
     with caplog.at_level(logging.WARNING):
-        folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", gguf_type=gguf_type)
+        folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", gguf_type=gguf_type, embeddings="f16")
     path = gguf_file(folder)
-    assert path.name == f"model-{written}.gguf" and ("quantized again" in caplog.text) != exact
+    label = written if gguf_type == "auto" else gguf_type.upper()
+    assert path.name == f"model-{label}.gguf" and ("quantized again" in caplog.text) != exact
     reader = gguf.GGUFReader(path)
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == written
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_up.weight"] == written
     assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
     assert "output.weight" not in kinds  # tied embeddings: written once
 
@@ -145,7 +149,10 @@ def test_smollm2_tokenizer_and_metadata_round_trip(tiny_llama_with_tokenizer_dir
 
     cfg = model.config
     assert value("general.architecture") == "llama" and value("tokenizer.ggml.model") == "gpt2"
-    assert value("tokenizer.ggml.pre") == "gpt2"  # SmolLM2's converted tokenizer splits as GPT-2 does
+    assert value("tokenizer.ggml.pre") == "gpt-2"  # SmolLM2's converted tokenizer splits as GPT-2 does
+    assert value("general.quantized_by") == f"hf_ptq {hf_ptq.__version__}"
+    assert (value("hf_ptq.method"), value("hf_ptq.bits"), value("hf_ptq.group_size")) == ("rtn", 4, 32)
+    assert value("hf_ptq.encoding") == f"exact: {sum(isinstance(m, QuantLinear) for m in model.modules())}"
     assert value("llama.block_count") == cfg.num_hidden_layers and value("llama.embedding_length") == cfg.hidden_size
     assert value("llama.attention.head_count_kv") == cfg.num_key_value_heads
     assert value("llama.rope.dimension_count") == cfg.hidden_size // cfg.num_attention_heads
@@ -186,10 +193,135 @@ def test_unsupported_combinations_fail_before_writing(small_model_dir, tokenizer
     act_order = PtqConfig(method="gptq", bits=4, group_size=32, num_samples=2, seq_len=16)
     fails(load(small_model_dir, quantization_config=act_order), "act-order groups")
     int8 = load(small_model_dir, quantization_config=PtqConfig(method="int8"))
-    fails(int8, r"8-bit weights again to 4 bits.*'q8_0'", gguf_type="q4_0")
-    fails(int8, "gguf_type must be one of auto, q8_0, q4_0, q4_1", gguf_type="q5_k")
+    fails(int8, r"8-bit weights, more than Q4_0 holds.*gguf_type='q8_0'", gguf_type="q4_0")
+    fails(int8, "gguf_type must be one of auto, q8_0, q4_0, q4_1, q4_k, q4_k_s, q4_k_m", gguf_type="q2_k")
+    fails(int8, "embeddings must be 'preset'", gguf_type="q8_0", embeddings="bf16")
     opt = hf_ptq.quantize(FAMILIES["opt"].build(), PtqConfig(group_size=32))
     fails(opt, "supports model types llama, mistral, qwen2, qwen3; this model is 'opt'", tokenizer=tokenizer)
     fails(hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(group_size=32)), "found none saved with the model")
     with pytest.raises(ValueError, match="has no hf_ptq quantized layers"):
         hf_ptq.export(FAMILIES["llama"].build(), out, format="gguf", tokenizer=tokenizer)
+
+
+def _with_pre_tokenizer(tokenizer, pre_tokenizer):
+    """A copy of `tokenizer` whose backend splits text with `pre_tokenizer`."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizer
+    return other
+
+
+def test_the_pre_tokenizer_is_identified_from_how_it_splits_text(tokenizer) -> None:
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pre
+
+    from hf_ptq.formats.gguf_tokenizer import PRE_TOKENIZERS, pre_tokenizer_name
+
+    assert pre_tokenizer_name(tokenizer) == "gpt-2"
+    digits = pre.Sequence([pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)])
+    assert pre_tokenizer_name(_with_pre_tokenizer(tokenizer, digits)) == "smollm"  # SmolLM2's own tokenizer.json
+    for name in ("llama-bpe", "qwen2"):  # as Llama 3's and Qwen2's tokenizer.json write them: a Split, then bytes
+        (regex,) = PRE_TOKENIZERS[name]
+        split = pre.Sequence(
+            [pre.Split(Regex(regex), behavior="isolated"), pre.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        assert pre_tokenizer_name(_with_pre_tokenizer(tokenizer, split)) == name
+    # splits llama.cpp would not reproduce: a leading space added, digits in runs of three without Llama 3's rules
+    for other in (pre.ByteLevel(add_prefix_space=True), pre.Sequence([pre.Digits(), pre.ByteLevel()])):
+        with pytest.raises(ValueError, match="splits text as none of llama.cpp's gpt-2, smollm, llama-bpe, qwen2"):
+            pre_tokenizer_name(_with_pre_tokenizer(tokenizer, other))
+
+
+def test_sentencepiece_style_tokenizers_are_refused_by_name(tokenizer) -> None:
+    import json
+
+    from tokenizers import Tokenizer
+
+    from hf_ptq.formats.gguf_tokenizer import pre_tokenizer_name
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"]["byte_fallback"] = True  # Llama 2 / Mistral / Gemma style BPE
+    other = _with_pre_tokenizer(tokenizer, None)
+    other._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    with pytest.raises(ValueError, match="writes byte-level BPE tokenizers .* byte fallback"):
+        pre_tokenizer_name(other)
+
+
+def _small_llama(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+def _quantized_from_config(config, tmp_path: Path) -> torch.nn.Module:
+    """A random bf16 model of `config` saved to tmp_path/float, loaded back quantized with RTN w4 g32 asym."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "float")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=PtqConfig(group_size=32))
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tokenizer, tmp_path) -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(max_position_embeddings=131072, rope_parameters=rope, **_small_llama(tokenizer))
+    model = _quantized_from_config(config, tmp_path)
+    folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file(folder)).tensors}
+    factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy()).double()
+    default, _ = ROPE_INIT_FUNCTIONS["default"](model.config) if "default" in ROPE_INIT_FUNCTIONS else (None, None)
+    if default is None:  # transformers 5 computes the default frequencies in the rotary module itself
+        dim = config.hidden_size // config.num_attention_heads
+        default = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config)
+    # llama.cpp divides each frequency by its factor: the factors are transformers' frequency ratios
+    assert torch.allclose(factors, default.double() / scaled.double(), rtol=1e-6)
+    assert factors.min() == 1.0 and factors.max() == rope["factor"]
+
+
+def test_k_quant_mixes_follow_llama_cpps_presets(tokenizer, tmp_path) -> None:
+    """Rows of 256 inputs hold K-quant super-blocks: Q4_K_M gives Q6_K to attn_v / ffn_down of llama.cpp's
+    use_more_bits layers (0, 3, 6, 7 of 8) and the output, Q4_K elsewhere; the weights stay near hf_ptq's."""
+    from transformers import LlamaConfig
+
+    shape = _small_llama(tokenizer) | dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+    model = _quantized_from_config(LlamaConfig(tie_word_embeddings=False, **shape), tmp_path)
+    folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, gguf_type="q4_k_m")
+    path = gguf_file(folder)
+    assert path.name == "model-Q4_K_M.gguf"
+    reader = gguf.GGUFReader(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    more_bits = {0, 3, 6, 7}
+    for i in range(8):
+        for role in ("attn_v", "ffn_down"):
+            assert kinds[f"blk.{i}.{role}.weight"] == ("Q6_K" if i in more_bits else "Q4_K"), (i, role)
+        for role in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            assert kinds[f"blk.{i}.{role}.weight"] == "Q4_K"
+    assert kinds["output.weight"] == "Q6_K" and kinds["token_embd.weight"] == "Q4_K"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert reader.fields["hf_ptq.encoding"].contents() == "from float: 2, refitted: 56"
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            got, expected = loaded.get_submodule(name).weight.data, layer.dequantized_weight(torch.float32)
+            if name.endswith(("q_proj", "k_proj")):
+                continue  # rows permuted back by transformers' reader; compared through the logits below
+            step = layer.quantized_weight().scale.float().repeat_interleave(32, dim=1)
+            # Q4_K's 6-bit sub-scales move the grid by a fraction of a step; Q6_K holds a 4-bit grid nearly exactly
+            assert ((got - expected).abs() / step).mean() < 0.25, name
+    assert rel_err(logits(loaded, tokenizer), logits(dequantized_reference(model, tmp_path / "float"), tokenizer)) < 0.1

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..formats.export import format_names
-from ..formats.gguf_file import GGUF_TYPES
+from ..formats.gguf_types import EMBEDDING_TYPES, GGUF_TYPES
 
 NAME = "export"
 HELP = "write a saved quantized model as compressed-tensors, GGUF or GPTQ (for vLLM, llama.cpp, ...)"
@@ -22,7 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: DIR-<format>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
-        "--gguf-type", default="auto", choices=GGUF_TYPES, help="GGUF block type (default auto: the exact fit)"
+        "--gguf-type",
+        default="auto",
+        choices=GGUF_TYPES,
+        help="GGUF types: llama.cpp's preset (default auto: the exact fit)",
+    )
+    parser.add_argument(
+        "--gguf-embeddings",
+        default="preset",
+        choices=EMBEDDING_TYPES,
+        help="GGUF token embedding and output: as the preset quantizes them (default) or f16",
     )
     parser.add_argument(
         "--checkpoint-format",
@@ -36,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def export_options(args: argparse.Namespace) -> dict:
     """The `export` keyword options of the chosen format from the flags."""
     if args.format == "gguf":
-        return {"gguf_type": args.gguf_type}
+        return {"gguf_type": args.gguf_type, "embeddings": args.gguf_embeddings}
     return {"checkpoint_format": args.checkpoint_format} if args.format == "gptq" else {}
 
 

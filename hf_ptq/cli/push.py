@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.export import format_names
-from ..formats.gguf_file import GGUF_TYPES
+from ..formats.gguf_types import EMBEDDING_TYPES, GGUF_TYPES
 from .export import export_options
 
 NAME = "push"
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=format_names(), help="upload this export instead of hf_ptq's checkpoint (see `export`)"
     )
     parser.add_argument("--gguf-type", default="auto", choices=GGUF_TYPES, help="with --format gguf: the block type")
+    parser.add_argument(
+        "--gguf-embeddings", default="preset", choices=EMBEDDING_TYPES, help="with --format gguf: preset or f16"
+    )
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

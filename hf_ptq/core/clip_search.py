@@ -5,7 +5,8 @@ p in [min_shrink, 1] clips those outliers but rounds every other weight on a fin
 the one with the smallest rounding error `Σ_j d_j (w_j - ŵ_j)²`, where d_j is the importance of input channel j
 (for GPTQ, the Hessian diagonal: the mean square of that input, so the sum approximates the output error), or,
 given the inputs' Gram matrix G of the group (`Σ_t x_t x_tᵀ` over its columns), the exact output error of the group
-over those inputs, `(w - ŵ) G (w - ŵ)ᵀ` (AWQ's clipping objective).
+over those inputs, `(w - ŵ) G (w - ŵ)ᵀ` (AWQ's clipping objective). On a full-range symmetric grid (`full_range`)
+the shrunk range is that of the signed extreme, which lands on -2^(b-1) at every factor.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ def clipped_qparams(
     *,
     min_shrink: float = 0.75,
     steps: int = 25,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point [rows] for w [rows, n] (fp32) over the shrink factors `1, ..., min_shrink`
     (`steps + 1` of them, evenly spaced); `importance` [n] weights the squared error per column (None: uniform).
     Factor 1 (plain min/max) is always a candidate and wins ties, so the result is never worse than min/max on
-    this objective. All candidates are evaluated at once ([steps + 1, rows, n] temporaries).
+    this objective. All candidates are evaluated at once ([steps + 1, rows, n] temporaries). `full_range`: the
+    candidates are full-range symmetric grids (`compute_qparams`), scale = p * extreme / -2^(b-1).
     """
     factors = 1.0 - (1.0 - min_shrink) * torch.arange(steps + 1, device=w.device, dtype=torch.float32) / steps
     lo, hi = w.amin(1) * factors[:, None], w.amax(1) * factors[:, None]  # [candidates, rows]
-    scale, zero = compute_qparams(lo, hi, bits, sym, scale_dtype)
+    scale, zero = compute_qparams(lo, hi, bits, sym, scale_dtype, full_range)
     diff = w - fake_quantize(w, scale[:, :, None], None if zero is None else zero[:, :, None], bits)  # [cand, rows, n]
     if importance is not None and importance.ndim == 2:
         err = ((diff @ importance) * diff).sum(2)

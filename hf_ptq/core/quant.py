@@ -1,9 +1,11 @@
 """Uniform integer quantization: scales, zero points, quantize and dequantize at three granularities.
 
 Conventions (those of compressed-tensors): integers are signed, `q in [-2^(b-1), 2^(b-1)-1]`;
-`w ≈ (q - zero_point) * scale`. Symmetric quantization has no zero point (it is 0). Granularity is set by
-`group_size`: `> 0` one scale per `group_size` input channels of each row, `-1` one per row (output channel),
-`0` one for the whole tensor.
+`w ≈ (q - zero_point) * scale`. Symmetric quantization has no zero point (it is 0); its grid is
+`[-(2^(b-1)-1), 2^(b-1)-1]` (scale > 0, the level -2^(b-1) unused) or, `full_range`, all 2^b levels as llama.cpp's
+Q4_0 uses them: the group's value of largest magnitude lands on -2^(b-1), so the scale is negative where that value
+is positive. Granularity is set by `group_size`: `> 0` one scale per `group_size` input channels of each row, `-1`
+one per row (output channel), `0` one for the whole tensor.
 """
 
 from __future__ import annotations
@@ -106,19 +108,33 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def compute_qparams(
-    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype | None = None
+    w_min: torch.Tensor,
+    w_max: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype | None = None,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point covering [w_min, w_max] (fp32 tensors of any shape, elementwise).
 
-    Symmetric: `scale = max|w| / (2^(b-1)-1)`. Asymmetric: the range is widened to include 0 so that zero is
-    exactly representable, `scale = (max - min) / (2^b - 1)`, `zero_point = qmin - round(min / scale)`.
-    With `scale_dtype`, the scale is first rounded to that dtype (`round_scale`) and the zero point computed from
-    the rounded scale, so that both match what is stored.
+    Symmetric: `scale = max|w| / (2^(b-1)-1)`; with `full_range`, `scale = m / -2^(b-1)` for the signed extreme m
+    (w_max when |w_max| > |w_min|, else w_min), so m rounds to -2^(b-1) exactly and the step is max|w| / 2^(b-1)
+    (negative when m > 0; a zero range gives the smallest positive scale). Asymmetric: the range is widened to
+    include 0 so that zero is exactly representable, `scale = (max - min) / (2^b - 1)`,
+    `zero_point = qmin - round(min / scale)`. With `scale_dtype`, the scale is first rounded to that dtype
+    (`round_scale`) and the zero point computed from the rounded scale, so that both match what is stored.
     """
     qmin, qmax = qrange(bits)
     tiny = torch.finfo(torch.float32).tiny
+    if full_range and not sym:
+        raise ValueError("full_range applies to symmetric grids only (sym=True)")
     if sym:
-        scale = (torch.maximum(w_min.abs(), w_max.abs()) / qmax).clamp(min=tiny)
+        if full_range:
+            extreme = torch.where(w_max.abs() > w_min.abs(), w_max, w_min)
+            scale = extreme / qmin
+            scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+        else:
+            scale = (torch.maximum(w_min.abs(), w_max.abs()) / qmax).clamp(min=tiny)
         return (scale if scale_dtype is None else round_scale(scale, scale_dtype)), None
     w_min = torch.minimum(w_min, torch.zeros_like(w_min))
     w_max = torch.maximum(w_max, torch.zeros_like(w_max))
@@ -156,20 +172,28 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The fp32 value of `scale` once stored in `dtype` (kept > 0), so rounding uses the scale that is saved."""
-    return scale.to(dtype).clamp(min=torch.finfo(dtype).tiny).float()
+    """The fp32 value of `scale` once stored in `dtype`, so rounding uses the scale that is saved: its magnitude kept
+    at least `dtype`'s smallest normal, its sign kept (full-range grids have negative scales)."""
+    magnitude = scale.to(dtype).abs().clamp(min=torch.finfo(dtype).tiny)
+    return torch.where(scale < 0, -magnitude, magnitude).float()
 
 
 def quantize(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    scale_dtype: torch.dtype | None = None,
+    full_range: bool = False,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of w [out, in] with min/max ranges (the RTN baseline).
 
-    `scale_dtype` (default: w's dtype when floating) is the dtype the scales will be stored in.
+    `scale_dtype` (default: w's dtype when floating) is the dtype the scales will be stored in; `full_range`: the
+    symmetric grid of all 2^b levels (`compute_qparams`).
     """
     grouped = _grouped(w.float(), group_size)
     scale_dtype = scale_dtype or (w.dtype if w.is_floating_point() else torch.float32)
-    scale, zero_point = compute_qparams(grouped.amin(-1), grouped.amax(-1), bits, sym, scale_dtype)
+    scale, zero_point = compute_qparams(grouped.amin(-1), grouped.amax(-1), bits, sym, scale_dtype, full_range)
     if group_size == 0:
         scale = scale.reshape(1)
         zero_point = None if zero_point is None else zero_point.reshape(1)

@@ -1,22 +1,19 @@
-"""Export to GGUF (llama.cpp, and transformers' `from_pretrained(folder, gguf_file=...)`), written with `gguf`.
+"""Export to GGUF, the file llama.cpp runs (transformers reads it too: `from_pretrained(folder, gguf_file=...)`).
 
-GGUF's integer types quantize blocks of 32 consecutive inputs of a row, each with its own fp16 scale:
-    Q8_0  w = d * q,      q int8                 (8.5 bits per weight)
-    Q4_0  w = d * (u - 8), u in [0, 15]          (4.5 bits per weight)
-    Q4_1  w = d * u + m,   u in [0, 15]          (5 bits per weight)
-A hf_ptq weight is `n * scale` with integers `n = q - zero_point`. Where every block of 32 lies inside one hf_ptq
-group (group size a multiple of 32, per-channel or per-tensor) and its integers fit the type (Q8_0: n in
-[-128, 127]; Q4_0: n in [-8, 7]; Q4_1: at most 16 distinct steps in a block), the integers are written unchanged and
-only the scale is stored in fp16 (exact for bf16 scales in fp16's normal range; Q4_1's `m = scale * min(n)` is
-rounded to fp16). Otherwise (group sizes such as 16, asymmetric weights into Q4_0) the dequantized weight is
-quantized again with gguf's reference quantizer, with a warning: a second rounding. Exporting to fewer bits than
-the model has, and act-order layers (their groups are not runs of 32 inputs), fail before anything is written.
-Embeddings, the output layer and any Linear kept in full precision are written as F16, norms and biases as F32.
+`gguf_type` picks the tensor types as llama.cpp's presets do (`gguf_types.PRESETS`: Q8_0, Q4_0, Q4_1, the K-quant
+mixes Q4_K_S / Q4_K_M / Q5_K_S / Q5_K_M and Q6_K; the output layer Q6_K, more bits for some attn_v / ffn_down
+layers in *_M mixes, llama.cpp's fallback types for rows that are not whole 256-input super-blocks), or "auto": the
+smallest 32-block type that holds the model's integers exactly, with F16 embeddings. How each tensor's bytes are made
+(the integers unchanged, a K grid fitted to the model's, or quantized from float) is in `gguf_types`; the file says
+which under `hf_ptq.*` keys. Exporting to fewer bits than a layer has, act-order layers (their groups are not runs
+of inputs), architectures, rotary scalings and tokenizers llama.cpp would read differently are refused before
+anything is written. Norms and biases are F32.
 """
 
 from __future__ import annotations
 
-import json
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +24,15 @@ from torch import nn
 from transformers.utils import logging
 
 from ..nn import QuantLinear
+from . import gguf_types
 from .export import export_format
+from .gguf_tokenizer import check_vocabulary, pre_tokenizer_name, write_tokenizer
+from .gguf_types import EMBEDDING_TYPES, GGUF_TYPES, PRESETS, TYPE_BITS
 from .layers import quantized_layers, tied_output_embedding
 
 logger = logging.get_logger(__name__)
 
 FORMAT = "gguf"
-GGUF_TYPES = ("auto", "q8_0", "q4_0", "q4_1")
-BLOCK = 32  # inputs per GGUF block (Q8_0, Q4_0, Q4_1)
 # model_type -> (llama.cpp architecture, whether q/k rows are permuted to llama.cpp's rotary layout)
 ARCHITECTURES = {
     "llama": ("llama", True),
@@ -42,6 +40,7 @@ ARCHITECTURES = {
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
 }
+ROPE_TYPES = ("default", "llama3")
 
 
 def _gguf():
@@ -53,90 +52,152 @@ def _gguf():
 
 
 @dataclass(frozen=True)
+class Tensor:
+    """One tensor to write: its state-dict key (or quantized layer name), GGUF name and GGUF type name."""
+
+    key: str
+    name: str
+    type_name: str
+
+
+@dataclass(frozen=True)
 class GgufPlan:
-    """What will be written: the architecture, the GGUF type of the quantized layers, and every tensor."""
+    """What will be written: the architecture, the preset, and every tensor with its type."""
 
     arch: str
     permute_qk: bool
-    qtype: Any  # gguf.GGMLQuantizationType
-    tensors: list[tuple[str, str]]  # (state-dict key, or quantized layer name; GGUF tensor name)
+    gguf_type: str
+    tensors: list[Tensor]
     pre_tokenizer: str
 
     @property
     def file_name(self) -> str:
-        return f"model-{self.qtype.name}.gguf"
+        return f"model-{self.label}.gguf"
+
+    @property
+    def label(self) -> str:
+        """The file's type name: the preset (upper case), or for "auto" the quantized layers' type."""
+        if self.gguf_type != "auto":
+            return self.gguf_type.upper()
+        return Counter(t.type_name for t in self.tensors if t.type_name not in ("F16", "F32")).most_common(1)[0][0]
 
 
-def _target_type(gguf_type: str, bits: int, sym: bool, float_zero_point: bool = False):
-    """The GGUF type for `gguf_type` ("auto": the smallest type holding the model's integers exactly; Q4_1 for float
-    zero points, which only its per-block offset holds)."""
-    gguf = _gguf()
-    types = gguf.GGMLQuantizationType
+def _check_options(gguf_type: str, embeddings: str) -> None:
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is invalid: gguf_type must be one of {', '.join(GGUF_TYPES)}.")
-    if gguf_type == "auto":
-        return types.Q8_0 if bits > 4 else (types.Q4_0 if sym and not float_zero_point else types.Q4_1)
-    qtype = getattr(types, gguf_type.upper())
-    if bits > _type_bits(qtype):
+    if embeddings not in EMBEDDING_TYPES:
         raise ValueError(
-            f"export(format='gguf', gguf_type={gguf_type!r}) would quantize {bits}-bit weights again to "
-            f"{_type_bits(qtype)} bits. Supported for {bits}-bit weights: gguf_type='q8_0' (or 'auto'); for 4 bits, "
-            "quantize the float model with bits=4, group_size=32."
+            f"embeddings={embeddings!r} is invalid: embeddings must be 'preset' (the token embedding and output as "
+            "llama.cpp's preset quantizes them) or 'f16'."
         )
-    return qtype
 
 
-def _type_bits(qtype) -> int:
-    return 8 if qtype.name == "Q8_0" else 4
-
-
-def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto") -> GgufPlan:
-    """Check that `model` can be written as GGUF (ValueError naming what is supported otherwise) and list what."""
-    gguf = _gguf()
-    cfg = model.config
+def _check_architecture(cfg: Any) -> tuple[str, bool]:
     model_type = getattr(cfg, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"export(format='gguf') supports model types {', '.join(ARCHITECTURES)}; this model is {model_type!r}. "
             "Export it with format='compressed-tensors' or 'gptq'."
         )
-    arch, permute_qk = ARCHITECTURES[model_type]
-    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope != "default":
-        raise ValueError(f"export(format='gguf') writes default rotary embeddings only; this model uses {rope!r}.")
+    rope = _rope(cfg).get("rope_type", "default")
+    if rope not in ROPE_TYPES:
+        raise ValueError(
+            f"export(format='gguf') writes rotary embeddings of types {', '.join(ROPE_TYPES)}; this model uses "
+            f"{rope!r}. Export it with format='compressed-tensors' or 'gptq'."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _rope(cfg: Any) -> dict:
+    return dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+
+
+def _check_layer(name: str, layer: QuantLinear, type_name: str) -> None:
+    if layer.weight_g_idx is not None:
+        raise ValueError(
+            f"export(format='gguf'): layer {name!r} uses act-order groups (weight_g_idx), which GGUF blocks of "
+            "consecutive inputs cannot express. Quantize with desc_act=False or static_groups=True, or export with "
+            "format='compressed-tensors' or 'gptq'."
+        )
+    if layer.in_features % gguf_types.BLOCK:
+        raise ValueError(
+            f"export(format='gguf'): layer {name!r} has in_features={layer.in_features}, not a multiple of "
+            f"{gguf_types.BLOCK} (GGUF's block size)."
+        )
+    if layer.bits > TYPE_BITS[type_name]:
+        raise ValueError(
+            f"export(format='gguf'): layer {name!r} has {layer.bits}-bit weights, more than {type_name} holds: "
+            "writing it would quantize it again to fewer bits. Use gguf_type='q8_0' (or 'auto'), or quantize the "
+            f"float model with bits={TYPE_BITS[type_name]}."
+        )
+
+
+def _role(gguf_name: str) -> tuple[str, int]:
+    """("attn_v", 3) for "blk.3.attn_v.weight"; (name, -1) outside the blocks."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return parts[2], int(parts[1])
+    return parts[0], -1
+
+
+def _type_of(
+    gguf_name: str,
+    shape: tuple[int, ...],
+    layer: QuantLinear | None,
+    gguf_type: str,
+    tied: bool,
+    embeddings: str,
+    blocks: int,
+) -> str:
+    """The GGUF type name of one tensor (see the module docstring)."""
+    if len(shape) < 2:
+        return "F32"
+    role, index = _role(gguf_name)
+    is_output = role == "output" or (role == "token_embd" and tied)
+    if gguf_type == "auto":
+        if layer is None:
+            return "F16"
+        return gguf_types.auto_type(layer.bits, layer.sym, layer.float_zero_point)
+    preset = PRESETS[gguf_type]
+    if role in ("token_embd", "output"):
+        if embeddings == "f16":
+            return "F16"
+        chosen = preset.output if is_output else preset.layers
+    else:
+        chosen = gguf_types.layer_type(preset, role, index, blocks)
+    return gguf_types.fitted(chosen, shape[-1])
+
+
+def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: str = "preset") -> GgufPlan:
+    """Check that `model` can be written as GGUF (ValueError naming what is supported otherwise) and list what."""
+    gguf = _gguf()
+    _check_options(gguf_type, embeddings)
+    cfg = model.config
+    arch, permute_qk = _check_architecture(cfg)
     layers = dict(quantized_layers(model, FORMAT))
-    first = next(iter(layers.values()))
-    qtype = _target_type(gguf_type, first.bits, first.sym, first.float_zero_point)
-    for name, layer in layers.items():
-        if layer.weight_g_idx is not None:
-            raise ValueError(
-                f"export(format='gguf'): layer {name!r} uses act-order groups (weight_g_idx), which GGUF blocks of 32 "
-                "consecutive inputs cannot express. Quantize with desc_act=False or static_groups=True, or export "
-                "with format='compressed-tensors' or 'gptq'."
-            )
-        if layer.in_features % BLOCK:
-            raise ValueError(
-                f"export(format='gguf'): layer {name!r} has in_features={layer.in_features}, not a multiple of "
-                f"{BLOCK} (GGUF's block size)."
-            )
-        if layer.bits > _type_bits(qtype):
-            raise ValueError(
-                f"export(format='gguf'): layer {name!r} has {layer.bits}-bit weights, more than {qtype.name}"
-            )
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
-    skip = {key for key in _output_keys(model)} if tied_output_embedding(model) else set()
+    tied = tied_output_embedding(model)
+    skip = set(_output_keys(model)) if tied else set()
+    state = model.state_dict()
     tensors = []
-    for key in model.state_dict():
+    for key, value in state.items():
         module_name, _, leaf = key.rpartition(".")
         if key in skip or (module_name in layers and leaf != "bias"):
             continue
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
             raise ValueError(f"export(format='gguf'): no GGUF tensor name for {key!r} (architecture {arch}).")
-        tensors.append((key, gguf_name))
-    for name in layers:
-        tensors.append((name, names.get_name(f"{name}.weight", try_suffixes=(".weight",))))
-    return GgufPlan(arch, permute_qk, qtype, tensors, _pre_tokenizer(tokenizer, model))
+        type_name = _type_of(name, tuple(value.shape), None, gguf_type, tied, embeddings, cfg.num_hidden_layers)
+        tensors.append(Tensor(key, name, type_name))
+    for key, layer in layers.items():
+        name = names.get_name(f"{key}.weight", try_suffixes=(".weight",))
+        type_name = _type_of(name, (1, layer.in_features), layer, gguf_type, tied, embeddings, cfg.num_hidden_layers)
+        _check_layer(key, layer, type_name)
+        tensors.append(Tensor(key, name, type_name))
+    rows = model.get_input_embeddings().weight.shape[0]
+    pre = pre_tokenizer_name(tokenizer)
+    check_vocabulary(tokenizer, rows)
+    return GgufPlan(arch, permute_qk, gguf_type, tensors, pre)
 
 
 def _output_keys(model: nn.Module) -> list[str]:
@@ -144,134 +205,82 @@ def _output_keys(model: nn.Module) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules() if m is head]
 
 
-def check(model: nn.Module, tokenizer: Any = None, gguf_type: str = "auto") -> None:
-    plan(model, tokenizer, gguf_type)
+def check(model: nn.Module, tokenizer: Any = None, gguf_type: str = "auto", embeddings: str = "preset") -> None:
+    plan(model, tokenizer, gguf_type, embeddings)
 
 
 @export_format(
     FORMAT,
-    "Q8_0 / Q4_0 / Q4_1 blocks with tokenizer and architecture metadata; llama.cpp and transformers read it",
+    "llama.cpp's types (Q8_0, Q4_0, Q4_1, Q4_K_M and the other K-quant mixes) with tokenizer and architecture "
+    "metadata; llama.cpp and transformers read it",
     check,
-    options=("gguf_type",),
+    options=("gguf_type", "embeddings"),
     needs_tokenizer=True,
 )
-def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto") -> None:
+def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto", embeddings: str = "preset") -> None:
     gguf = _gguf()
-    p = plan(model, tokenizer, gguf_type)
-    writer = gguf.GGUFWriter(folder / p.file_name, p.arch)
-    _write_metadata(writer, model, p)
-    _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], p.pre_tokenizer)
+    p = plan(model, tokenizer, gguf_type, embeddings)
     state = model.state_dict()
-    requantized = []
-    for key, gguf_name in logging.tqdm(p.tensors, desc="gguf export", unit="tensor"):
-        module = model.get_submodule(key) if key not in state else None
-        if isinstance(module, QuantLinear):
-            data = encode_exact(module, p.qtype)
-            if data is None:
-                requantized.append(key)
-                data = gguf.quants.quantize(module.dequantized_weight(torch.float32).numpy(), p.qtype)
-            writer.add_tensor(gguf_name, _permuted(data, gguf_name, model, p), raw_dtype=p.qtype)
-        else:
-            writer.add_tensor(gguf_name, _permuted(_float_array(state[key]), gguf_name, model, p))
-    if requantized:
+    encoded = []  # (tensor, data, how)
+    for tensor in logging.tqdm(p.tensors, desc="gguf export", unit="tensor"):
+        data, how = _encode(model, state, tensor)
+        encoded.append((tensor, _permuted(data, tensor.name, model, p), how))
+    ways = Counter(how for _, _, how in encoded if how != "float")
+    again = [t.key for t, _, how in encoded if how == "quantized again"]
+    if again:
         logger.warning(
-            f"gguf export: {len(requantized)} of {sum(1 for k, _ in p.tensors if k not in state)} layers (e.g. "
-            f"{requantized[0]!r}) do not fit {p.qtype.name}'s blocks of {BLOCK} exactly and were quantized again "
-            f"from their dequantized weights (a second rounding). Quantize with group_size=32 (sym=True for Q4_0) to "
-            "write the integers unchanged."
+            f"gguf export: {len(again)} layers (e.g. {again[0]!r}) do not fit their GGUF type's blocks and were "
+            "quantized again from their dequantized weights (a second rounding). Quantize with group_size=32 (sym=True "
+            "for Q4_0) to write the integers unchanged."
         )
+    writer = gguf.GGUFWriter(folder / p.file_name, p.arch)
+    _write_metadata(writer, model, p, ways)
+    write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], p.pre_tokenizer)
+    rope_factors = _llama3_rope_factors(model.config)
+    if rope_factors is not None:
+        writer.add_tensor("rope_freqs.weight", rope_factors)
+    for tensor, data, _ in encoded:
+        raw = None if tensor.type_name in ("F16", "F32") else getattr(gguf.GGMLQuantizationType, tensor.type_name)
+        writer.add_tensor(tensor.name, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-def _block_params(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-    """(q int16 [out, in/32, 32]; zero point [out, in/32] (integer or float) or None; scale fp32 [out, in/32]) of the
-    layer's blocks of 32 inputs, or None when a block spans two hf_ptq groups."""
-    if layer.group_size > 0 and layer.group_size % BLOCK:
-        return None
-    qw = layer.quantized_weight()
-    out_f, in_f = qw.q.shape
-    blocks = in_f // BLOCK
-    if layer.group_size == 0:
-        scale = qw.scale.float().reshape(1, 1).expand(out_f, blocks)
-        zero = None if qw.zero_point is None else qw.zero_point.reshape(1, 1).expand(out_f, blocks)
-    else:
-        repeat = blocks // qw.scale.shape[1]
-        scale = qw.scale.float().repeat_interleave(repeat, dim=1)
-        zero = None if qw.zero_point is None else qw.zero_point.repeat_interleave(repeat, dim=1)
-    return qw.q.to(torch.int16).reshape(out_f, blocks, BLOCK), zero, scale
+def _encode(model: nn.Module, state: dict, tensor: Tensor) -> tuple[np.ndarray, str]:
+    """The tensor's bytes (or F16 / F32 array) and how they were made: "exact", "refitted" (a K grid fitted to the
+    layer's own), "quantized again", "from float" (a float matrix quantized) or "float"."""
+    if tensor.key in state:
+        value = state[tensor.key]
+        if tensor.type_name in ("F16", "F32"):
+            return _float_array(value, tensor.type_name), "float"
+        return gguf_types.encode_float(value, tensor.type_name), "from float"
+    layer = model.get_submodule(tensor.key)
+    assert isinstance(layer, QuantLinear)
+    if tensor.type_name in gguf_types.K_TYPES:
+        from . import gguf_kquants
+
+        grid = gguf_types.kquant_grid(layer) if layer.bits <= 4 and tensor.type_name != "Q6_K" else None
+        weight = layer.dequantized_weight(torch.float32)
+        return gguf_kquants.encode(weight, tensor.type_name, grid=grid), "refitted"
+    data = gguf_types.encode_exact(layer, tensor.type_name)
+    if data is not None:
+        return data, "exact"
+    return gguf_types.encode_float(layer.dequantized_weight(torch.float32), tensor.type_name), "quantized again"
 
 
-def encode_exact(layer: QuantLinear, qtype) -> np.ndarray | None:
-    """The layer's integers as GGUF blocks of `qtype` (uint8 [out, in/32 * block bytes]), unchanged, with fp16
-    scales; None when they do not fit (blocks spanning groups, integers outside the type's range)."""
-    params = _block_params(layer)
-    if params is None:
-        return None
-    q, zero, scale = params
-    d = scale.to(torch.float16)
-    if not torch.isfinite(d).all():
-        return None
-    name = qtype.name
-    if zero is not None and zero.is_floating_point():  # HQQ: w = d * u + m, u = q + 2^(b-1), m = -d * (z + 2^(b-1))
-        if name != "Q4_1":
-            return None
-        offset = 1 << (layer.bits - 1)
-        m = (-(scale * (zero.float() + offset))).to(torch.float16)
-        parts = [d.unsqueeze(-1), m.unsqueeze(-1), _nibbles(q + offset)]
-    else:
-        n = q if zero is None else q - zero.to(torch.int16).unsqueeze(-1)  # w = n * scale
-        if name == "Q8_0":
-            if n.min() < -128 or n.max() > 127:
-                return None
-            parts = [d.unsqueeze(-1), n.to(torch.int8)]
-        elif name == "Q4_0":
-            if n.min() < -8 or n.max() > 7:
-                return None
-            parts = [d.unsqueeze(-1), _nibbles(n + 8)]
-        else:  # Q4_1: u = n - c per block, m = d * c
-            c = _q4_1_offset(n, scale)
-            if c is None:
-                return None
-            m = (scale * c.float()).to(torch.float16)
-            parts = [d.unsqueeze(-1), m.unsqueeze(-1), _nibbles(n - c.unsqueeze(-1))]
-    as_bytes = [p.contiguous().view(torch.uint8) for p in parts]
-    return torch.cat(as_bytes, dim=-1).reshape(q.shape[0], -1).numpy()
-
-
-def _q4_1_offset(n: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """Per block, the offset c (int16 [out, blocks]) with `n - c` in [0, 15] whose `m = scale * c` float16 holds
-    best (exactly, for bf16 scales, unless the block spans all 16 steps from an odd start of 9 or more); None when
-    a block spans more than 16 steps."""
-    low, high = n.amin(-1), n.amax(-1)
-    if (high - low).max() > 15:
-        return None
-    candidates = low.unsqueeze(-1) - torch.arange(16, dtype=torch.int16)  # [out, blocks, 16]
-    m = scale.unsqueeze(-1) * candidates.float()
-    error = (m.to(torch.float16).float() - m).abs()
-    error[high.unsqueeze(-1) - candidates > 15] = float("inf")
-    return candidates.gather(-1, error.argmin(-1, keepdim=True)).squeeze(-1)
-
-
-def _nibbles(u: torch.Tensor) -> torch.Tensor:
-    """u in [0, 15], [..., 32] -> uint8 [..., 16]: byte j holds value j (low nibble) and value j + 16 (high)."""
-    u = u.to(torch.uint8)
-    return u[..., :16] | (u[..., 16:] << 4)
-
-
-def _float_array(tensor: torch.Tensor) -> np.ndarray:
+def _float_array(tensor: torch.Tensor, type_name: str) -> np.ndarray:
     """F32 for 1-D tensors (norms, biases), F16 for matrices (F32 where a value exceeds float16's range)."""
     values = tensor.detach().float()
-    if values.ndim > 1 and values.abs().max() <= torch.finfo(torch.float16).max:
+    if type_name == "F16" and values.abs().max() <= torch.finfo(torch.float16).max:
         return values.to(torch.float16).numpy()
     return values.numpy()
 
 
 def _permuted(data: np.ndarray, gguf_name: str, model: nn.Module, p: GgufPlan) -> np.ndarray:
     """Rows of q / k weights (and biases) in llama.cpp's rotary layout for the Llama family (llama.cpp rotates
-    adjacent pairs, transformers the two halves of each head)."""
+    adjacent pairs, transformers the two halves of each head). Blocks lie along rows, so encoded rows move whole."""
     if not p.permute_qk or not (".attn_q." in gguf_name or ".attn_k." in gguf_name):
         return data
     cfg = model.config
@@ -281,90 +290,67 @@ def _permuted(data: np.ndarray, gguf_name: str, model: nn.Module, p: GgufPlan) -
     return np.ascontiguousarray(data[order])
 
 
-def _write_metadata(writer, model: nn.Module, p: GgufPlan) -> None:
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _rope_theta(cfg: Any) -> float:
+    return float(_rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def _llama3_rope_factors(cfg: Any) -> np.ndarray | None:
+    """Llama 3.1's rotary scaling as llama.cpp reads it: per frequency i, the factor [head_dim / 2] (F32) its
+    frequency is divided by. Frequencies whose wavelength is under original_context / high_freq_factor are kept
+    (1), those over original_context / low_freq_factor are divided by `factor`, the ones between interpolate."""
+    rope = _rope(cfg)
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = _head_dim(cfg)
+    freq = 1.0 / (_rope_theta(cfg) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    context = float(rope["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / freq
+    smooth = np.clip((context / wavelength - low) / (high - low), 0.0, 1.0)  # 0: long wavelengths, 1: short
+    scaled = (1 - smooth) * freq / factor + smooth * freq
+    return (freq / scaled).astype(np.float32)
+
+
+def _write_metadata(writer: Any, model: nn.Module, p: GgufPlan, ways: Counter) -> None:
     gguf = _gguf()
+    from .. import __version__
+
     cfg = model.config
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    head_dim = _head_dim(cfg)
     writer.add_name(Path(str(getattr(model, "name_or_path", "") or "model")).name)
+    writer.add_quantized_by(f"hf_ptq {__version__}")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
-    if p.permute_qk:
-        writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     if head_dim != cfg.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if getattr(cfg, "sliding_window", None):
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         logger.warning("gguf export: the model's sliding-window attention is not written (llama.cpp attends fully).")
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{p.qtype.name}"))
+    if p.gguf_type == "auto":
+        file_type = f"MOSTLY_{p.label}"
+    else:
+        file_type = PRESETS[p.gguf_type].file_type
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _pre_tokenizer(tokenizer: Any, model: nn.Module) -> str:
-    """llama.cpp's name (`tokenizer.ggml.pre`) for the tokenizer's pre-tokenizer; ValueError when it is not a
-    byte-level BPE tokenizer llama.cpp knows."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    name = None
-    if spec.get("model", {}).get("type") == "BPE":
-        name = _byte_level_pre_name(spec.get("pre_tokenizer") or {})
-    if name is None:
-        raise ValueError(
-            "export(format='gguf') writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2) into the "
-            f"file; this tokenizer ({type(tokenizer).__name__}) is not one llama.cpp can name."
-        )
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise ValueError(f"export(format='gguf'): the tokenizer has {len(tokenizer)} tokens, the model {rows} rows.")
-    return name
-
-
-def _byte_level_pre_name(pre: dict) -> str | None:
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"  # digits one by one, then GPT-2's split (llama.cpp groups it with starcoder)
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        return next((n for n, r in GGUF_PRE_TOKENIZER_SPLITS.items() if r == regex), None)
-    return None
-
-
-def _write_tokenizer(writer, tokenizer: Any, rows: int, pre: str) -> None:
-    """The vocabulary (padded with unused `[PAD<i>]` tokens to the embedding's rows), merges, special ids, BOS/EOS
-    behaviour and chat template, under llama.cpp's keys."""
-    gguf = _gguf()
-    kinds = gguf.TokenType
-    tokens = [f"[PAD{i}]" for i in range(rows)]
-    types = [kinds.UNUSED] * rows
-    for token, index in tokenizer.get_vocab().items():
-        tokens[index], types[index] = token, kinds.NORMAL
-    for index, added in tokenizer.added_tokens_decoder.items():
-        types[index] = kinds.CONTROL if added.special else kinds.USER_DEFINED
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    for key in ("bos", "eos", "unk", "pad"):
-        index = getattr(tokenizer, f"{key}_token_id", None)
-        if index is not None:
-            getattr(writer, f"add_{key}_token_id")(index)
-    ids = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    qcfg = getattr(cfg, "quantization_config", None)
+    settings = qcfg.to_dict() if hasattr(qcfg, "to_dict") else dict(qcfg or {})
+    for key in ("method", "bits", "group_size", "sym"):
+        if settings.get(key) is not None:
+            value = settings[key]
+            add = writer.add_bool if isinstance(value, bool) else writer.add_int32 if isinstance(value, int) else None
+            (add or writer.add_string)(f"hf_ptq.{key}", value if add else str(value))
+    writer.add_string("hf_ptq.gguf_type", p.gguf_type)
+    writer.add_string("hf_ptq.encoding", ", ".join(f"{how}: {count}" for how, count in sorted(ways.items())))

@@ -9,7 +9,8 @@ calibration token, `Σ_t ||W x_t - Q(W s) (x_t / s)||² = tr(D XXᵀ Dᵀ)` with
 Gram matrix `XXᵀ` (accumulated like GPTQ's Hessian) each candidate costs one [out, in] x [in, in] product, whatever
 the number of tokens. s = 1 (no scaling) is always a candidate, so the search never does worse than it on this
 objective. Then (`clip`) each group's range is shrunk to the factor in {1, 0.95, ..., 0.55} with the smallest
-output error over the same inputs (the group's block of the Gram matrix), and the weight is rounded.
+output error over the same inputs (the group's block of the Gram matrix), and the weight is rounded. `full_range`
+(symmetric only) uses the grid of all 2^b levels throughout: in the scale search, the clipping and the rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .gptq import GPTQ
 if TYPE_CHECKING:
     from ..config import PtqConfig
 
-AWQ_FIELDS = ("duo_scaling", "grid", "clip", "true_sequential")
+AWQ_FIELDS = ("duo_scaling", "grid", "clip", "true_sequential", "full_range")
 _MIN_SCALE = 1e-4
 _CLIP_MIN_SHRINK = 0.55  # AWQ's clipping candidates: 1, 0.95, ..., 0.55
 _CLIP_STEPS = 9
@@ -81,7 +82,7 @@ def _rounded(weight: torch.Tensor, s: torch.Tensor, config: PtqConfig, dtype: to
     out_f, in_f = weight.shape
     members = {0: out_f * in_f, -1: in_f}.get(config.group_size, config.group_size)
     grouped = (weight * s).to(dtype).float().reshape(-1, members)
-    scale, zero = compute_qparams(grouped.amin(1), grouped.amax(1), config.bits, config.sym, dtype)
+    scale, zero = compute_qparams(grouped.amin(1), grouped.amax(1), config.bits, config.sym, dtype, config.full_range)
     approx = fake_quantize(grouped, scale[:, None], None if zero is None else zero[:, None], config.bits)
     return approx.reshape(out_f, in_f).div_(s)
 
@@ -140,7 +141,7 @@ def clipped_rtn(weight: torch.Tensor, hessian: torch.Tensor, config: PtqConfig) 
     dtype = weight.dtype if weight.is_floating_point() else torch.float32
     gs = config.group_size
     if gs == 0:
-        return quantize(weight, config.bits, gs, config.sym, dtype)
+        return quantize(weight, config.bits, gs, config.sym, dtype, config.full_range)
     w = weight.float()
     h = hessian.to(w.device, torch.float32)
     members = w.shape[1] if gs == -1 else gs
@@ -148,7 +149,14 @@ def clipped_rtn(weight: torch.Tensor, hessian: torch.Tensor, config: PtqConfig) 
     for g in range(0, w.shape[1], members):
         cols = slice(g, g + members)
         scale, zero = clipped_qparams(
-            w[:, cols], config.bits, config.sym, dtype, h[cols, cols], min_shrink=_CLIP_MIN_SHRINK, steps=_CLIP_STEPS
+            w[:, cols],
+            config.bits,
+            config.sym,
+            dtype,
+            h[cols, cols],
+            min_shrink=_CLIP_MIN_SHRINK,
+            steps=_CLIP_STEPS,
+            full_range=config.full_range,
         )
         scales.append(scale)
         zeros.append(zero)
@@ -169,4 +177,4 @@ def awq(weight: torch.Tensor, config: PtqConfig, stats: AWQStats) -> QuantizedWe
     """Quantize weight [out, in] (already multiplied by the AWQ scale) with clipped or min/max ranges."""
     if config.clip and stats.hessian is not None:
         return clipped_rtn(weight, stats.hessian, config)
-    return quantize(weight, config.bits, config.group_size, config.sym)
+    return quantize(weight, config.bits, config.group_size, config.sym, full_range=config.full_range)

@@ -6,7 +6,8 @@ The statistic is the Hessian of that error, `H = 2 X Xᵀ / N` ([in, in], fp32, 
 remaining columns by `-(w_j - q_j) / U[j, j] * U[j, j:]`. Updates are applied lazily in blocks of `block_size`
 columns (one matmul per block for the columns to the right). Options: `desc_act` (act-order) visits columns by
 decreasing `H[j, j]`; groups then follow that order and `g_idx` maps every input channel to its group, unless
-`static_groups`, where scales are fixed up front from the weight's natural groups (no `g_idx` needed).
+`static_groups`, where scales are fixed up front from the weight's natural groups (no `g_idx` needed); `full_range`
+(symmetric only) puts every group on the grid of all 2^b levels (`hf_ptq.core.quant.compute_qparams`).
 Linears that share an input share `H`; GPTQ treats rows independently, so their weights may be stacked row-wise.
 """
 
@@ -143,13 +144,18 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[
 
 
 def _group_qparams(
-    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype, importance: torch.Tensor | None
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+    importance: torch.Tensor | None,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale / zero point [out] for the rows of w [out, members]: min/max, or with `importance` [members] (the
     Hessian diagonal of those columns) the clipping range that minimises the importance-weighted rounding error."""
     if importance is None:
-        return compute_qparams(w.amin(1), w.amax(1), bits, sym, scale_dtype)
-    return clipped_qparams(w, bits, sym, scale_dtype, importance)
+        return compute_qparams(w.amin(1), w.amax(1), bits, sym, scale_dtype, full_range)
+    return clipped_qparams(w, bits, sym, scale_dtype, importance, full_range=full_range)
 
 
 @contextmanager
@@ -193,15 +199,31 @@ def gptq_quantize(
     block_size: int = 128,
     clip: bool = False,
     scale_dtype: torch.dtype | None = None,
+    full_range: bool = False,
 ) -> QuantizedWeight:
     """Quantize weight [out, in] against hessian [in, in]; scales are rounded to `scale_dtype` (default: weight's).
 
     `group_size` as in `PtqConfig` (> 0 groups, -1 per row, 0 per tensor). Inputs whose Hessian diagonal is zero
     (never active in calibration) get a zero weight: they do not affect the calibrated output. `clip`: each
-    group's range is searched (`clipped_qparams`, Hessian-diagonal weighted) instead of min/max.
+    group's range is searched (`clipped_qparams`, Hessian-diagonal weighted) instead of min/max. `full_range`
+    (needs `sym`): the symmetric grid of all 2^b levels, scale = signed extreme / -2^(b-1) (negative where the
+    extreme is positive), for searched ranges too.
     """
+    if full_range and not sym:
+        raise ValueError("gptq: full_range applies to symmetric grids only (sym=True)")
     return _gptq(
-        weight, hessian, bits, group_size, sym, damp_percent, desc_act, static_groups, block_size, clip, scale_dtype
+        weight,
+        hessian,
+        bits,
+        group_size,
+        sym,
+        damp_percent,
+        desc_act,
+        static_groups,
+        block_size,
+        clip,
+        scale_dtype,
+        full_range,
     )
 
 
@@ -217,6 +239,7 @@ def _gptq(
     block_size: int,
     clip: bool,
     scale_dtype: torch.dtype | None,
+    full_range: bool,
 ) -> QuantizedWeight:
     scale_dtype = scale_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
     w = weight.detach().to(torch.float32).clone()
@@ -230,13 +253,14 @@ def _gptq(
     gs = group_size if grouped else in_f
     if not grouped:  # one scale per row (or per tensor) from the whole weight, fixed before the updates
         if group_size == -1:
-            fixed = _group_qparams(w, bits, sym, scale_dtype, h.diagonal() if clip else None)
+            fixed = _group_qparams(w, bits, sym, scale_dtype, h.diagonal() if clip else None, full_range)
         else:
-            fixed = compute_qparams(w.amin().expand(out_f), w.amax().expand(out_f), bits, sym, scale_dtype)
+            lo, hi = w.amin().expand(out_f), w.amax().expand(out_f)
+            fixed = compute_qparams(lo, hi, bits, sym, scale_dtype, full_range)
     elif static_groups:  # every natural group's qparams from the (dead-zeroed) original weight
         d = h.diagonal()
         static = [
-            _group_qparams(w[:, g : g + gs], bits, sym, scale_dtype, d[g : g + gs] if clip else None)
+            _group_qparams(w[:, g : g + gs], bits, sym, scale_dtype, d[g : g + gs] if clip else None, full_range)
             for g in range(0, in_f, gs)
         ]
 
@@ -268,7 +292,7 @@ def _gptq(
                 elif grouped and col % gs == 0:  # i == 0 here: w[:, col:col+gs] holds every update so far
                     imp = None if importance is None else importance[col : col + gs]
                     with _threads(threads):  # the range search handles [candidates, out, group_size] at once
-                        qp = _group_qparams(w[:, col : col + gs], bits, sym, scale_dtype, imp)
+                        qp = _group_qparams(w[:, col : col + gs], bits, sym, scale_dtype, imp, full_range)
                     scales.append(qp[0])
                     zeros.append(qp[1])
                     s, z = _floats(qp)
@@ -310,10 +334,11 @@ def _floats(qparams: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Te
     "GPTQ: error-compensating rounding against calibration Hessians (Frantar et al., 2022)",
     needs_calibration=True,
     statistics=GPTQ,
-    fields=GPTQ_FIELDS,
+    fields=(*GPTQ_FIELDS, "full_range"),
 )
 def gptq(weight: torch.Tensor, config: PtqConfig, stats: GPTQ) -> QuantizedWeight:
-    """GPTQ of weight [out, in] with the Hessian accumulated in `stats` and the options of `config`."""
+    """GPTQ of weight [out, in] with the Hessian accumulated in `stats` and the options of `config` (also a
+    `SmoothQuantConfig` with weight_method="gptq", which has no `full_range`: its int8 grid stays the usual one)."""
     if stats.hessian is None:
         raise ValueError("gptq: no calibration input reached this layer")
     return gptq_quantize(
@@ -327,4 +352,5 @@ def gptq(weight: torch.Tensor, config: PtqConfig, stats: GPTQ) -> QuantizedWeigh
         static_groups=config.static_groups,
         block_size=config.block_size,
         clip=config.clip,
+        full_range=bool(getattr(config, "full_range", False)),
     )

@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from ..config import PtqConfig
 
 
-@register_method("rtn", "round-to-nearest with min/max ranges, no calibration data")
+@register_method("rtn", "round-to-nearest with min/max ranges, no calibration data", fields=("full_range",))
 def rtn(weight: torch.Tensor, config: PtqConfig) -> QuantizedWeight:
-    """Quantize weight [out, in] to `config.bits` with `config.group_size` and `config.sym`."""
-    return quantize(weight, config.bits, config.group_size, config.sym)
+    """Quantize weight [out, in] to `config.bits` with `config.group_size`, `config.sym` and `config.full_range`."""
+    return quantize(weight, config.bits, config.group_size, config.sym, full_range=config.full_range)
 
 
 @register_method(

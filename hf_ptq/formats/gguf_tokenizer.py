@@ -1,0 +1,119 @@
+"""The tokenizer of a GGUF export: which of llama.cpp's pre-tokenizers splits text as this tokenizer does, and the
+vocabulary under llama.cpp's keys.
+
+llama.cpp does not run a tokenizer's own pre-tokenizer: it looks up the name in `tokenizer.ggml.pre` and applies its
+built-in regular expressions. A wrong name loads (or fails: llama.cpp knows no "gpt2") and then tokenizes differently
+from transformers. So the name is not guessed from the tokenizer's class or the model family; it is identified from
+behaviour: the tokenizer's pre-tokenizer splits a probe text of contractions, digit runs, whitespace runs, newlines,
+punctuation, accented, CJK and emoji text, and the name is the candidate whose expressions split it identically.
+Only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/3, SmolLM) are written; anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Letters, digits, contractions, whitespace: GPT-2's split (also the last step of the digit-splitting variants).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+# llama.cpp's `tokenizer.ggml.pre` name -> the expressions it applies one after the other (src/llama-vocab.cpp)
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "gpt-2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),  # digits one by one, then GPT-2's split
+    "llama-bpe": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+}
+
+PROBE = (
+    "Hello world! It's 12345 o'clock, isn't it? I'LL SEE... we'd've 3.14159 and 1,000,000 -- ok?!\n\n"
+    "  two  spaces,\ttab\t\tand trailing   \n\r\nline\nbreaks\n   \n"
+    "déjà vu, Ünïcödé naïveté; 東京は晴れ 2024年; Привет мир; 🙂🚀 emoji‼ «quotes» “curly” (brackets) [x] {y}\n"
+    "code: def f(x): return x**2 + 0x1F  # comment\n    indented_line = a_b-c/d\\e|f@g$h%i^j&k*l\n"
+    "mixedCASE123abc 007bond ...   ,,, ;;; ''' \"\"\" 1/2 ½ ³ ⅷ"
+)
+
+
+def _pieces(pre_tokenizer: Any, text: str) -> list[str]:
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+
+def _candidate(expressions: tuple[str, ...]) -> Any:
+    from tokenizers import Regex, pre_tokenizers
+
+    steps = [pre_tokenizers.Split(Regex(e), behavior="isolated") for e in expressions]
+    return pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _spec(tokenizer: Any) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def pre_tokenizer_name(tokenizer: Any) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for `tokenizer` (a transformers fast tokenizer); ValueError, naming what is
+    supported, when it is not byte-level BPE or splits text as none of `PRE_TOKENIZERS` does."""
+    spec = _spec(tokenizer)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") is not None:
+        raise ValueError(
+            "export(format='gguf') writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/3, SmolLM); this "
+            f"tokenizer ({type(tokenizer).__name__}, model {model.get('type')!r}"
+            f"{', byte fallback' if model.get('byte_fallback') else ''}"
+            f"{', with a normalizer' if spec.get('normalizer') else ''}) is not one hf_ptq can describe to llama.cpp. "
+            "Export with format='compressed-tensors' or 'gptq', or convert with llama.cpp's convert_hf_to_gguf.py."
+        )
+    own = tokenizer.backend_tokenizer.pre_tokenizer
+    if own is None:
+        raise ValueError(f"export(format='gguf'): the tokenizer ({type(tokenizer).__name__}) has no pre-tokenizer.")
+    expected = _pieces(own, PROBE)
+    for name, expressions in PRE_TOKENIZERS.items():
+        if _pieces(_candidate(expressions), PROBE) == expected:
+            return name
+    raise ValueError(
+        f"export(format='gguf'): the tokenizer's pre-tokenizer ({type(tokenizer).__name__}) splits text as none of "
+        f"llama.cpp's {', '.join(PRE_TOKENIZERS)} do, so llama.cpp would tokenize differently. Export with "
+        "format='compressed-tensors' or 'gptq'."
+    )
+
+
+def check_vocabulary(tokenizer: Any, rows: int) -> None:
+    """ValueError when the tokenizer has ids the embedding (`rows` rows) cannot hold."""
+    if len(tokenizer) > rows:
+        raise ValueError(f"export(format='gguf'): the tokenizer has {len(tokenizer)} tokens, the model {rows} rows.")
+
+
+def write_tokenizer(writer: Any, tokenizer: Any, rows: int, pre: str) -> None:
+    """The vocabulary (padded with unused `[PAD<i>]` tokens to the embedding's `rows`), merges, special ids, BOS/EOS
+    behaviour and chat template, under llama.cpp's keys."""
+    import gguf
+
+    kinds = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(rows)]
+    types = [kinds.UNUSED] * rows
+    for token, index in tokenizer.get_vocab().items():
+        tokens[index], types[index] = token, kinds.NORMAL
+    for index, added in tokenizer.added_tokens_decoder.items():
+        types[index] = kinds.CONTROL if added.special else kinds.USER_DEFINED
+    merges = _spec(tokenizer)["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for key in ("bos", "eos", "unk", "pad"):
+        index = getattr(tokenizer, f"{key}_token_id", None)
+        if index is not None:
+            getattr(writer, f"add_{key}_token_id")(index)
+    ids = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
