@@ -48,9 +48,17 @@ ROWS = {
         "hf_ptq gptq w4 g32 sym full_range, no act-order → q4_0",
         ("hf_ptq", dict(method="gptq", sym=True, full_range=True, desc_act=False), "q4_0"),
     ),
+    "hf-gptq-static-q4_0": (
+        "hf_ptq gptq w4 g32 sym full_range, act-order static groups → q4_0",
+        ("hf_ptq", dict(method="gptq", sym=True, full_range=True, desc_act=True, static_groups=True), "q4_0"),
+    ),
     "hf-gptq-q4_k_m": (
         "hf_ptq gptq w4 g32 asym, no act-order → q4_k_m",
         ("hf_ptq", dict(method="gptq", sym=False, desc_act=False), "q4_k_m"),
+    ),
+    "hf-gptq-keep-q4_k_m": (
+        "hf_ptq gptq w4 g32 asym, no act-order, Q4_K_M's Q6_K layers kept float → q4_k_m",
+        ("hf_ptq", dict(method="gptq", sym=False, desc_act=False, keep="q4_k_m"), "q4_k_m"),
     ),
     "hf-awq-q4_k_m": ("hf_ptq awq w4 g32 asym → q4_k_m", ("hf_ptq", dict(method="awq", sym=False), "q4_k_m")),
 }
@@ -74,14 +82,15 @@ def llama_rows(args, work: Path, float_dir: Path, calib: Path, wanted: list[str]
     files: dict[str, Path] = {}
     bf16 = work / "llama-bf16.gguf"
     convert = Path(args.convert)
-    subprocess.run(
-        [sys.executable, str(convert), str(float_dir), "--outtype", "bf16", "--outfile", str(bf16)],
-        check=True,
-        capture_output=True,
-    )
+    if not bf16.exists():  # files already in --work are reused
+        subprocess.run(
+            [sys.executable, str(convert), str(float_dir), "--outtype", "bf16", "--outfile", str(bf16)],
+            check=True,
+            capture_output=True,
+        )
     files["llama-bf16"] = bf16
     imatrix = work / "imatrix.gguf"
-    if any(ROWS[r][1][2] for r in wanted if r.startswith("llama")):
+    if not imatrix.exists() and any(ROWS[r][1][2] for r in wanted if r.startswith("llama")):
         tool(args.bin, "llama-imatrix", "-m", str(bf16), "-f", str(calib), "-c", str(args.calib_len),
              "--chunks", str(args.calib_samples), "-o", str(imatrix), "-t", str(args.threads))  # fmt: skip
     for row in wanted:
@@ -90,7 +99,8 @@ def llama_rows(args, work: Path, float_dir: Path, calib: Path, wanted: list[str]
         _, qtype, with_imatrix, extra = ROWS[row][1]
         out = work / f"{row}.gguf"
         flags = ["--imatrix", str(imatrix)] if with_imatrix else []
-        tool(args.bin, "llama-quantize", *flags, *extra, str(bf16), str(out), qtype, str(args.threads))
+        if not out.exists():
+            tool(args.bin, "llama-quantize", *flags, *extra, str(bf16), str(out), qtype, str(args.threads))
         files[row] = out
     return files
 
@@ -103,6 +113,18 @@ def hf_ptq_row(row: str, work: Path, float_dir: Path, calibration) -> tuple[Path
 
     _, (_, options, gguf_type) = ROWS[row]
     options = dict(options)
+    keep = options.pop("keep", None)
+    if keep:  # the tensors the preset writes with more bits stay float in the model, quantized from float on export
+        from transformers import AutoConfig
+
+        from hf_ptq.formats.gguf_types import more_bits_blocks
+
+        layers = AutoConfig.from_pretrained(float_dir).num_hidden_layers
+        options["modules_to_not_convert"] = [
+            f"model.layers.{i}.{name}"
+            for role, name in (("attn_v", "self_attn.v_proj"), ("ffn_down", "mlp.down_proj"))
+            for i in more_bits_blocks(keep, role, layers)
+        ]
     if options["method"] in ("gptq", "awq"):
         options["dataset"] = calibration
     cfg = hf_ptq.PtqConfig(bits=4, group_size=32, **options)
@@ -182,7 +204,11 @@ def main() -> None:
         seconds: dict[str, float] = {}
         for row in wanted:
             if ROWS[row][1][0] == "hf_ptq":
-                files[row], seconds[row] = hf_ptq_row(row, work, float_dir, calibration)
+                kept = sorted((work / row).glob("*.gguf"))
+                if kept:  # made by an earlier run with the same --work: reused, its quantize time not measured
+                    files[row] = kept[0]
+                else:
+                    files[row], seconds[row] = hf_ptq_row(row, work, float_dir, calibration)
         text = DATA / "test.txt"
         print(f"\nSmolLM2-135M-Instruct, llama-perplexity on {args.chunks} x 512 tokens of WikiText-2 test")
         print("| file | MiB | PPL | pp512 tok/s | tg64 tok/s | quantize s |\n|---|---|---|---|---|---|")
@@ -194,8 +220,10 @@ def main() -> None:
             results[row] = (path.stat().st_size / MIB, ppl, pp, tg)
             quantize = f"{seconds[row]:.0f}" if row in seconds else ""
             print(f"| {ROWS[row][0]} | {results[row][0]:.0f} | {ppl:.2f} | {pp:.1f} | {tg:.1f} | {quantize} |")
-        for ours, theirs in (("hf-gptq-q4_0", "llama-q4_0-imatrix"), ("hf-gptq-q4_k_m", "llama-q4_k_m-imatrix"),
-                             ("hf-gptq-q4_0", "llama-q4_0"), ("hf-gptq-q4_k_m", "llama-q4_k_m")):  # fmt: skip
+        pairs = [(ours, theirs) for ours in ("hf-gptq-q4_0", "hf-gptq-static-q4_0") for theirs in ("llama-q4_0",
+                 "llama-q4_0-imatrix")] + [(ours, theirs) for ours in ("hf-gptq-q4_k_m", "hf-gptq-keep-q4_k_m")
+                 for theirs in ("llama-q4_k_m", "llama-q4_k_m-imatrix")]  # fmt: skip
+        for ours, theirs in pairs:
             if ours in results and theirs in results:
                 (mib, ppl, pp, tg), (tmib, tppl, tpp, ttg) = results[ours], results[theirs]
                 print(f"{ours} / {theirs}: PPL {ppl / tppl:.3f}x, size {mib / tmib:.3f}x, "

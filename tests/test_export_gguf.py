@@ -233,19 +233,20 @@ def test_the_pre_tokenizer_is_identified_from_how_it_splits_text(tokenizer) -> N
             pre_tokenizer_name(_with_pre_tokenizer(tokenizer, other))
 
 
-def test_sentencepiece_style_tokenizers_are_refused_by_name(tokenizer) -> None:
+def test_byte_fallback_tokenizers_that_split_otherwise_are_refused(tokenizer) -> None:
     import json
 
     from tokenizers import Tokenizer
 
-    from hf_ptq.formats.gguf_tokenizer import pre_tokenizer_name
+    from hf_ptq.formats.gguf_tokenizer import vocabulary_kind
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec["model"]["byte_fallback"] = True  # Llama 2 / Mistral / Gemma style BPE
+    spec["model"]["byte_fallback"] = True  # byte fallback, but GPT-2's byte-level split: neither llama.cpp vocabulary
     other = _with_pre_tokenizer(tokenizer, None)
     other._tokenizer = Tokenizer.from_str(json.dumps(spec))
-    with pytest.raises(ValueError, match="writes byte-level BPE tokenizers .* byte fallback"):
-        pre_tokenizer_name(other)
+    with pytest.raises(ValueError, match="has byte fallback but does not turn text into '▁'-joined pieces"):
+        vocabulary_kind(other)
+    assert vocabulary_kind(tokenizer) == ("gpt2", "gpt-2")
 
 
 def _small_llama(tokenizer) -> dict:
@@ -325,3 +326,69 @@ def test_k_quant_mixes_follow_llama_cpps_presets(tokenizer, tmp_path) -> None:
             # Q4_K's 6-bit sub-scales move the grid by a fraction of a step; Q6_K holds a 4-bit grid nearly exactly
             assert ((got - expected).abs() / step).mean() < 0.25, name
     assert rel_err(logits(loaded, tokenizer), logits(dequantized_reference(model, tmp_path / "float"), tokenizer)) < 0.1
+
+
+def sentencepiece_style_tokenizer(legacy: bool = True):
+    """A Llama 2 / Mistral style tokenizer trained here: BPE over "▁"-joined text with one "▁" prepended, byte
+    fallback (<0x00> ... <0xFF>), and every split of every token among the merges (as transformers' converter of
+    SentencePiece models writes them), ordered by the token's id."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    trainer_model = Tokenizer(models.BPE())
+    trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    trainer_model.train_from_iterator(TEXTS * 20, trainer)
+    learned = sorted(trainer_model.get_vocab().items(), key=lambda item: item[1])
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for token, _ in learned:
+        vocab.setdefault(token, len(vocab))
+    merges = [
+        (token[:i], token[i:])
+        for token in vocab
+        if len(token) > 1 and not token.startswith("<")
+        for i in range(1, len(token))
+        if token[:i] in vocab and token[i:] in vocab
+    ]
+    bpe = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if legacy:  # Llama 2's tokenizer.json: "▁" prepended to every run of text, as llama.cpp does
+        bpe.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+    else:  # transformers' newer form: only before the first piece, and not where the text starts with a space
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False)
+    bpe.decoder = decoders.Sequence(
+        [decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def test_sentencepiece_style_tokenizers_are_written_as_llama_vocabularies(tmp_path) -> None:
+    tokenizer = sentencepiece_style_tokenizer()
+    config = FAMILIES["llama"].make_config()
+    config.vocab_size = len(tokenizer)
+    model = _quantized_from_config(config, tmp_path)
+    folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    fields = gguf.GGUFReader(gguf_file(folder)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.pre" not in fields
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[3] == types[3 + 255] == gguf.TokenType.BYTE and types[0] == gguf.TokenType.UNKNOWN
+    assert types[tokenizer.convert_tokens_to_ids("<|im_start|>")] == gguf.TokenType.CONTROL
+    scores = fields["tokenizer.ggml.scores"].contents()
+    merged = [i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))) if scores[i] < 0]
+    assert merged == sorted(merged, key=lambda i: -scores[i])  # later tokens merge later
+    theirs = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file(folder).name)
+    # transformers' GGUF reader rebuilds the vocabulary with its own "▁" rule (none before a leading space): text
+    # that does not start with one (llama.cpp itself is checked on every text in test_gguf_llama_cpp.py)
+    for text in TEXTS[:1] + ["two  spaces and Ünïcödé 😀"]:
+        assert theirs(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_a_first_piece_only_space_prefix_is_written_with_a_warning(tmp_path, caplog) -> None:
+    tokenizer = sentencepiece_style_tokenizer(legacy=False)  # Llama 2 / Mistral with legacy=False
+    config = FAMILIES["llama"].make_config()
+    config.vocab_size = len(tokenizer)
+    with caplog.at_level(logging.WARNING):
+        hf_ptq.export(_quantized_from_config(config, tmp_path), tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    assert "will tokenize text that starts with a space and text after a special token (e.g." in caplog.text

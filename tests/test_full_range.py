@@ -120,7 +120,8 @@ def _errors(w, scale, bits, importance):
 
 
 def test_clip_search_shrinks_the_signed_extreme() -> None:
-    """The searched scale is the best of `p * m / -2^(b-1)` (p = 1, ..., min_shrink), found by brute force here."""
+    """The searched scale is the best of `p * m / -2^(b-1)` and `p * m / (2^(b-1) - 1)` (p = 1, ..., min_shrink),
+    then of it and the least-squares scale of its integers, found by brute force here."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(32, 32, generator=g) * torch.exp(0.5 * torch.randn(32, 32, generator=g))
     importance = torch.rand(32, generator=g) + 0.1
@@ -129,13 +130,19 @@ def test_clip_search_shrinks_the_signed_extreme() -> None:
     m = w.gather(1, _extreme_index(w)).reshape(-1)
     best = []
     for row in range(w.shape[0]):
-        candidates = [(m[row] * (1 - 0.25 * i / 25) / -8).to(torch.bfloat16).float() for i in range(26)]
+        low = [(m[row] * (1 - 0.25 * i / 25) / -8).to(torch.bfloat16).float() for i in range(26)]
+        candidates = low + [(c * -8 / 7).to(torch.bfloat16).float() for c in low]  # the extreme on +7
         errs = [_errors(w[row : row + 1], c.reshape(1), 4, importance).item() for c in candidates]
-        best.append(candidates[min(range(26), key=errs.__getitem__)])
+        chosen = candidates[min(range(len(candidates)), key=errs.__getitem__)]
+        q = torch.round(w[row] / chosen).clamp(-8, 7)
+        refit = ((importance * w[row] * q).sum() / (importance * q * q).sum()).to(torch.bfloat16).float()
+        if _errors(w[row : row + 1], refit.reshape(1), 4, importance) < min(errs):
+            chosen = refit
+        best.append(chosen)
     assert torch.equal(scale, torch.stack(best))
     plain, _ = compute_qparams(w.amin(1), w.amax(1), 4, True, torch.bfloat16, full_range=True)
     assert bool((_errors(w, scale, 4, importance) <= _errors(w, plain, 4, importance)).all())
-    assert torch.equal(torch.sign(scale), -torch.sign(m))
+    assert 0 < (torch.sign(scale) == -torch.sign(m)).sum() < len(m)  # both orientations win somewhere
 
 
 # --- GPTQ ----------------------------------------------------------------------------------------------------

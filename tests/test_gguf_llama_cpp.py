@@ -111,3 +111,19 @@ def test_k_quant_mixes_choose_the_types_llama_quantize_chooses(smollm2_rtn, tmp_
         expected = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors}
         got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(mine).tensors}
         assert got == expected, preset
+
+
+def test_llama_cpp_tokenizes_sentencepiece_style_vocabularies_as_transformers(tmp_path) -> None:
+    from conftest import FAMILIES
+    from test_export_gguf import TEXTS, sentencepiece_style_tokenizer
+
+    tokenizer = sentencepiece_style_tokenizer()
+    config = FAMILIES["llama"].make_config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = hf_ptq.quantize(AutoModelForCausalLM.from_config(config), PtqConfig(group_size=32))
+    folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    (path,) = folder.glob("*.gguf")
+    for text in [*TEXTS, "Hello world, it's 12345 o'clock", "  two  spaces\tand a tab"]:
+        out = run("llama-tokenize", "-m", str(path), "-p", text, "--ids", "--log-disable").strip().splitlines()[-1]
+        assert [int(i) for i in out.strip("[]").split(",")] == tokenizer(text)["input_ids"], text

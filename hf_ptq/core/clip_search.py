@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import compute_qparams, fake_quantize
+from .quant import compute_qparams, fake_quantize, qrange, round_scale
 
 
 def clipped_qparams(
@@ -36,12 +36,46 @@ def clipped_qparams(
     factors = 1.0 - (1.0 - min_shrink) * torch.arange(steps + 1, device=w.device, dtype=torch.float32) / steps
     lo, hi = w.amin(1) * factors[:, None], w.amax(1) * factors[:, None]  # [candidates, rows]
     scale, zero = compute_qparams(lo, hi, bits, sym, scale_dtype, full_range)
-    diff = w - fake_quantize(w, scale[:, :, None], None if zero is None else zero[:, :, None], bits)  # [cand, rows, n]
-    if importance is not None and importance.ndim == 2:
-        err = ((diff @ importance) * diff).sum(2)
-    else:
-        err = diff.square_()
-        err = err.sum(2) if importance is None else err @ importance
+    if full_range:
+        scale = torch.cat([scale, _extreme_on_top(scale, bits, scale_dtype)])
+    err = _error(w, scale, zero, bits, importance)
     best = torch.argmin(err, 0)  # first minimum: factor 1 on ties
     rows = torch.arange(w.shape[0], device=w.device)
-    return scale[best, rows], None if zero is None else zero[best, rows]
+    scale, zero = scale[best, rows], None if zero is None else zero[best, rows]
+    if full_range:  # the least-squares scale of the chosen integers, where it is better still
+        refit = round_scale(_least_squares_scale(w, scale, bits, importance), scale_dtype)
+        pair = torch.stack([scale, refit])
+        scale = pair[torch.argmin(_error(w, pair, None, bits, importance), 0), rows]
+    return scale, zero
+
+
+def _error(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, importance: torch.Tensor | None
+) -> torch.Tensor:
+    """Rounding error [candidates, rows] of w [rows, n] on each candidate grid (scale / zero [candidates, rows])."""
+    diff = w - fake_quantize(w, scale[:, :, None], None if zero is None else zero[:, :, None], bits)  # [cand, rows, n]
+    if importance is not None and importance.ndim == 2:
+        return ((diff @ importance) * diff).sum(2)
+    err = diff.square_()
+    return err.sum(2) if importance is None else err @ importance
+
+
+def _extreme_on_top(scale: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The full-range candidates turned around: the signed extreme on 2^(b-1) - 1 instead of -2^(b-1) (the other
+    side then reaches past the opposite extreme), for groups whose far side holds more weight."""
+    qmin, qmax = qrange(bits)
+    return round_scale(scale * (qmin / qmax), scale_dtype)
+
+
+def _least_squares_scale(
+    w: torch.Tensor, scale: torch.Tensor, bits: int, importance: torch.Tensor | None
+) -> torch.Tensor:
+    """Per row, the scale s minimising the weighted error of s * q for w's integers q on the grid `scale` [rows]."""
+    qmin, qmax = qrange(bits)
+    q = torch.round(w / scale[:, None]).clamp_(qmin, qmax)
+    if importance is not None and importance.ndim == 2:
+        num, den = ((w @ importance) * q).sum(1), ((q @ importance) * q).sum(1)
+    else:
+        weight = torch.ones_like(w) if importance is None else importance.expand_as(w)
+        num, den = (weight * w * q).sum(1), (weight * q * q).sum(1)
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), scale)

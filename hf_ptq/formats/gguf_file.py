@@ -26,7 +26,7 @@ from transformers.utils import logging
 from ..nn import QuantLinear
 from . import gguf_types
 from .export import export_format
-from .gguf_tokenizer import check_vocabulary, pre_tokenizer_name, write_tokenizer
+from .gguf_tokenizer import check_vocabulary, vocabulary_kind, write_tokenizer
 from .gguf_types import EMBEDDING_TYPES, GGUF_TYPES, PRESETS, TYPE_BITS
 from .layers import quantized_layers, tied_output_embedding
 
@@ -68,7 +68,7 @@ class GgufPlan:
     permute_qk: bool
     gguf_type: str
     tensors: list[Tensor]
-    pre_tokenizer: str
+    vocabulary: tuple[str, str | None]  # ("gpt2", llama.cpp's pre-tokenizer name) or ("llama", None)
 
     @property
     def file_name(self) -> str:
@@ -179,25 +179,32 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: 
     tied = tied_output_embedding(model)
     skip = set(_output_keys(model)) if tied else set()
     state = model.state_dict()
-    tensors = []
+    tensors = []  # in the state dict's order, a quantized layer where its first tensor is (as llama.cpp writes them)
+    placed = set()
     for key, value in state.items():
         module_name, _, leaf = key.rpartition(".")
-        if key in skip or (module_name in layers and leaf != "bias"):
+        if module_name in layers and leaf != "bias":
+            if module_name not in placed:
+                placed.add(module_name)
+                layer = layers[module_name]
+                name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
+                type_name = _type_of(
+                    name, (1, layer.in_features), layer, gguf_type, tied, embeddings, cfg.num_hidden_layers
+                )
+                _check_layer(module_name, layer, type_name)
+                tensors.append(Tensor(module_name, name, type_name))
+            continue
+        if key in skip:
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"export(format='gguf'): no GGUF tensor name for {key!r} (architecture {arch}).")
         type_name = _type_of(name, tuple(value.shape), None, gguf_type, tied, embeddings, cfg.num_hidden_layers)
         tensors.append(Tensor(key, name, type_name))
-    for key, layer in layers.items():
-        name = names.get_name(f"{key}.weight", try_suffixes=(".weight",))
-        type_name = _type_of(name, (1, layer.in_features), layer, gguf_type, tied, embeddings, cfg.num_hidden_layers)
-        _check_layer(key, layer, type_name)
-        tensors.append(Tensor(key, name, type_name))
     rows = model.get_input_embeddings().weight.shape[0]
-    pre = pre_tokenizer_name(tokenizer)
+    vocabulary = vocabulary_kind(tokenizer)
     check_vocabulary(tokenizer, rows)
-    return GgufPlan(arch, permute_qk, gguf_type, tensors, pre)
+    return GgufPlan(arch, permute_qk, gguf_type, tensors, vocabulary)
 
 
 def _output_keys(model: nn.Module) -> list[str]:
@@ -235,7 +242,7 @@ def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto
         )
     writer = gguf.GGUFWriter(folder / p.file_name, p.arch)
     _write_metadata(writer, model, p, ways)
-    write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], p.pre_tokenizer)
+    write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], p.vocabulary)
     rope_factors = _llama3_rope_factors(model.config)
     if rope_factors is not None:
         writer.add_tensor("rope_freqs.weight", rope_factors)

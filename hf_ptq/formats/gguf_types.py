@@ -78,6 +78,14 @@ def layer_type(preset: Preset, role: str, index: int, count: int) -> str:
     return preset.layers
 
 
+def more_bits_blocks(gguf_type: str, role: str, count: int) -> list[int]:
+    """The blocks (of `count`) whose `role` tensor ("attn_v" or "ffn_down") preset `gguf_type` stores with more bits
+    than its layers: quantize those Linears with more bits, or keep them in full precision (`modules_to_not_convert`),
+    so that the export has more to write there than the 4-bit layers hold."""
+    preset = PRESETS[gguf_type]
+    return [i for i in range(count) if layer_type(preset, role, i, count) != preset.layers]
+
+
 def auto_type(bits: int, sym: bool, float_zero_point: bool) -> str:
     """The smallest 32-block type holding a hf_ptq grid's integers exactly."""
     if bits > 4:
