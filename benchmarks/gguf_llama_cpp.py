@@ -146,9 +146,13 @@ def _embeddings(gguf_type: str) -> str:
 
 
 def perplexity(args, path: Path, text: Path) -> float:
-    out = tool(args.bin, "llama-perplexity", "-m", str(path), "-f", str(text), "-c", "512",
-               "--chunks", str(args.chunks), "-t", str(args.threads))  # fmt: skip
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
+    for _ in range(6):  # llama.cpp logs from a thread: about one fast run in six here lost its last lines
+        out = tool(args.bin, "llama-perplexity", "-m", str(path), "-f", str(text), "-c", "512",
+                   "--chunks", str(args.chunks), "-t", str(args.threads))  # fmt: skip
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        if found:
+            return float(found.group(1))
+    raise RuntimeError(f"llama-perplexity printed no estimate for {path}:\n{out[-2000:]}")
 
 
 def speed(args, path: Path) -> tuple[float, float]:

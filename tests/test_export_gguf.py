@@ -162,7 +162,7 @@ def test_smollm2_tokenizer_and_metadata_round_trip(tiny_llama_with_tokenizer_dir
     assert special == gguf.TokenType.CONTROL
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3"])
 def test_other_llama_like_architectures(family, tokenizer, tmp_path) -> None:
     config = FAMILIES[family].make_config()
     config.vocab_size = len(tokenizer)
@@ -197,7 +197,7 @@ def test_unsupported_combinations_fail_before_writing(small_model_dir, tokenizer
     fails(int8, "gguf_type must be one of auto, q8_0, q4_0, q4_1, q4_k, q4_k_s, q4_k_m", gguf_type="q2_k")
     fails(int8, "embeddings must be 'preset'", gguf_type="q8_0", embeddings="bf16")
     opt = hf_ptq.quantize(FAMILIES["opt"].build(), PtqConfig(group_size=32))
-    fails(opt, "supports model types llama, mistral, qwen2, qwen3; this model is 'opt'", tokenizer=tokenizer)
+    fails(opt, "supports model types llama, mistral, qwen2, qwen3, phi3; this model is 'opt'", tokenizer=tokenizer)
     fails(hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(group_size=32)), "found none saved with the model")
     with pytest.raises(ValueError, match="has no hf_ptq quantized layers"):
         hf_ptq.export(FAMILIES["llama"].build(), out, format="gguf", tokenizer=tokenizer)

@@ -39,6 +39,7 @@ ARCHITECTURES = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
+    "phi3": ("phi3", False),  # fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are
 }
 ROPE_TYPES = ("default", "llama3")
 
@@ -242,7 +243,8 @@ def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto
         )
     writer = gguf.GGUFWriter(folder / p.file_name, p.arch)
     _write_metadata(writer, model, p, ways)
-    write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], p.vocabulary)
+    rows = model.get_input_embeddings().weight.shape[0]
+    write_tokenizer(writer, tokenizer, rows, p.vocabulary, getattr(model.config, "pad_token_id", None))
     rope_factors = _llama3_rope_factors(model.config)
     if rope_factors is not None:
         writer.add_tensor("rope_freqs.weight", rope_factors)
@@ -344,7 +346,11 @@ def _write_metadata(writer: Any, model: nn.Module, p: GgufPlan, ways: Counter) -
     if head_dim != cfg.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+    if p.arch == "phi3":  # llama.cpp's phi3 reads its sliding window and the context its rotary was trained on
+        original = _rope(cfg).get("original_max_position_embeddings") or cfg.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
+    elif getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         logger.warning("gguf export: the model's sliding-window attention is not written (llama.cpp attends fully).")
     if p.gguf_type == "auto":
         file_type = f"MOSTLY_{p.label}"

@@ -148,9 +148,13 @@ def check_vocabulary(tokenizer: Any, rows: int) -> None:
         raise ValueError(f"export(format='gguf'): the tokenizer has {len(tokenizer)} tokens, the model {rows} rows.")
 
 
-def write_tokenizer(writer: Any, tokenizer: Any, rows: int, kind: tuple[str, str | None]) -> None:
+def write_tokenizer(
+    writer: Any, tokenizer: Any, rows: int, kind: tuple[str, str | None], pad_id: int | None = None
+) -> None:
     """The vocabulary (padded with unused `[PAD<i>]` tokens to the embedding's `rows`), merges (byte-level BPE) or
-    scores (SentencePiece-style), special ids, BOS/EOS behaviour and chat template, under llama.cpp's keys."""
+    scores (SentencePiece-style), special ids, BOS/EOS behaviour and chat template, under llama.cpp's keys. `pad_id`:
+    the model config's padding id, written where the tokenizer has none (transformers' reader otherwise builds some
+    models, Phi-3, with their class's default padding id, which may lie outside the vocabulary)."""
     import gguf
 
     model, pre = kind
@@ -186,6 +190,8 @@ def write_tokenizer(writer: Any, tokenizer: Any, rows: int, kind: tuple[str, str
         writer.add_token_merges(merges)
     for key in ("bos", "eos", "unk", "pad"):
         index = getattr(tokenizer, f"{key}_token_id", None)
+        if key == "pad" and index is None and pad_id is not None and 0 <= pad_id < rows:
+            index = pad_id
         if index is not None:
             getattr(writer, f"add_{key}_token_id")(index)
     ids = tokenizer("a")["input_ids"]

@@ -70,11 +70,14 @@ def fitted(type_name: str, in_features: int) -> str:
 
 def layer_type(preset: Preset, role: str, index: int, count: int) -> str:
     """The type of a Linear in block `index` of `count`: `role` is the GGUF tensor kind ("attn_v", "ffn_down", ...)."""
-    if role in ("attn_v", "ffn_down"):
+    value = role in ("attn_v", "attn_qkv")  # llama.cpp gives a fused q / k / v (Phi-3) attn_v's types
+    if value or role == "ffn_down":
         if preset.more_bits == "m" and _use_more_bits(index, count):
             return "Q6_K"
-        if preset.more_bits == "s" and index < (4 if role == "attn_v" else count // 8):
+        if preset.more_bits == "s" and index < (4 if value else count // 8):
             return "Q5_K"
+    if value and count == 80 and preset.layers == "Q4_K":  # llama.cpp's 70B rule: 8 heads share each attn_v row
+        return "Q5_K"
     return preset.layers
 
 
