@@ -73,15 +73,7 @@ def small_model_dir(tmp_path_factory) -> Path:
     )
     bpe.train_from_iterator(TEXTS * 20, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(tie_word_embeddings=True, **_small_llama(tokenizer))
     folder = tmp_path_factory.mktemp("small-llama")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)

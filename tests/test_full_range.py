@@ -21,10 +21,11 @@ import pytest
 import torch
 from conftest import FAMILIES, input_ids, model_output, rel_err
 from safetensors.torch import load_file
+from test_kernels import calls  # noqa: F401  (the fixture counting which matmul ran)
 from transformers import AutoModelForCausalLM
 
 import hf_ptq
-from hf_ptq import PtqConfig, kernels
+from hf_ptq import PtqConfig
 from hf_ptq.core.clip_search import clipped_qparams
 from hf_ptq.core.quant import compute_qparams, fake_quantize, quantize, round_scale
 from hf_ptq.methods.gptq import gptq_quantize
@@ -237,18 +238,6 @@ def test_config_defaults_and_json_round_trip() -> None:
 
 
 # --- kernels: negative scales ---------------------------------------------------------------------------------
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    counter: Counter = Counter()
-    for name in ("int4_cpu_matmul", "int8_matmul", "dense_matmul"):
-        original = getattr(kernels, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            counter[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, spy)
-    return counter
 
 
 @pytest.mark.parametrize(
@@ -262,7 +251,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
         (3, 32, 2, "dense_matmul"),
     ],
 )
-def test_every_kernel_takes_negative_scales(calls: Counter, bits: int, group_size: int, rows: int, kernel: str) -> None:
+def test_every_kernel_takes_negative_scales(calls: Counter, bits: int, group_size: int, rows: int, kernel: str) -> None:  # noqa: F811
     w = random_weight()
     layer = QuantLinear(128, 48, True, bits, group_size, True, dtype=torch.bfloat16)
     layer.set_quantized(quantize(w, bits, group_size, True, full_range=True))

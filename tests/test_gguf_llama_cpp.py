@@ -82,6 +82,16 @@ def llama_perplexity(path: Path, text_file: Path) -> float:
     return float(line.split("=")[1].split()[0])
 
 
+def assert_same_perplexity(path: Path, tokenizer, text: str, tmp_path: Path) -> None:
+    """llama-perplexity of `path` on `text` within 1 % of transformers' GGUF reader scoring the same file alike."""
+    tokens = tokenizer(text)["input_ids"]
+    assert len(tokens) >= CHUNKS * CTX
+    (tmp_path / "text.txt").write_text(text)
+    theirs = llama_perplexity(path, tmp_path / "text.txt")
+    ours = transformers_perplexity(path, tokens)
+    assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
+
+
 @pytest.mark.parametrize("gguf_type", ["auto", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"])
 def test_llama_cpp_runs_the_export(gguf_type, smollm2_rtn, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_rtn)
@@ -95,13 +105,7 @@ def test_llama_cpp_runs_the_export(gguf_type, smollm2_rtn, tmp_path) -> None:
     generated = run("llama-simple", "-m", str(path), "-n", "12", prompt)
     assert "Paris" in generated, generated[-500:]
 
-    text = PROSE * 40
-    tokens = tokenizer(text)["input_ids"]
-    assert len(tokens) >= CHUNKS * CTX
-    (tmp_path / "text.txt").write_text(text)
-    theirs = llama_perplexity(path, tmp_path / "text.txt")
-    ours = transformers_perplexity(path, tokens)
-    assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
+    assert_same_perplexity(path, tokenizer, PROSE * 40, tmp_path)
 
 
 def test_k_quant_mixes_choose_the_types_llama_quantize_chooses(smollm2_rtn, tmp_path) -> None:
@@ -153,13 +157,7 @@ def test_llama_cpp_computes_what_transformers_computes_for_other_families(family
     model = hf_ptq.quantize(AutoModelForCausalLM.from_config(config), PtqConfig(group_size=32))
     folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, gguf_type="q8_0")
     (path,) = folder.glob("*.gguf")
-    text = " ".join(TEXTS[:1] + TEXTS[2:]) * 200
-    tokens = tokenizer(text)["input_ids"]
-    assert len(tokens) >= CHUNKS * CTX
-    (tmp_path / "text.txt").write_text(text)
-    theirs = llama_perplexity(path, tmp_path / "text.txt")
-    ours = transformers_perplexity(path, tokens)
-    assert abs(theirs - ours) / ours < 0.01, (theirs, ours)
+    assert_same_perplexity(path, tokenizer, " ".join(TEXTS[:1] + TEXTS[2:]) * 200, tmp_path)
 
 
 def test_phi3_k_quant_mixes_choose_the_types_llama_quantize_chooses(tmp_path) -> None:
