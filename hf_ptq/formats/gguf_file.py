@@ -24,7 +24,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..nn import QuantLinear
-from . import gguf_types
+from . import gguf_kquants, gguf_types
 from .export import export_format
 from .gguf_tokenizer import check_vocabulary, vocabulary_kind, write_tokenizer
 from .gguf_types import EMBEDDING_TYPES, GGUF_TYPES, PRESETS, TYPE_BITS
@@ -267,16 +267,14 @@ def _encode(model: nn.Module, state: dict, tensor: Tensor) -> tuple[np.ndarray, 
         return gguf_types.encode_float(value, tensor.type_name), "from float"
     layer = model.get_submodule(tensor.key)
     assert isinstance(layer, QuantLinear)
+    qw = layer.quantized_weight()  # unpacked once: integers, grid and dequantized weight all come from it
     if tensor.type_name in gguf_types.K_TYPES:
-        from . import gguf_kquants
-
-        grid = gguf_types.kquant_grid(layer) if layer.bits <= 4 and tensor.type_name != "Q6_K" else None
-        weight = layer.dequantized_weight(torch.float32)
-        return gguf_kquants.encode(weight, tensor.type_name, grid=grid), "refitted"
-    data = gguf_types.encode_exact(layer, tensor.type_name)
+        grid = gguf_types.kquant_grid(qw) if qw.bits <= 4 and tensor.type_name != "Q6_K" else None
+        return gguf_kquants.encode(qw.dequantize(torch.float32), tensor.type_name, grid=grid), "refitted"
+    data = gguf_types.encode_exact(qw, tensor.type_name)
     if data is not None:
         return data, "exact"
-    return gguf_types.encode_float(layer.dequantized_weight(torch.float32), tensor.type_name), "quantized again"
+    return gguf_types.encode_float(qw.dequantize(torch.float32), tensor.type_name), "quantized again"
 
 
 def _float_array(tensor: torch.Tensor, type_name: str) -> np.ndarray:

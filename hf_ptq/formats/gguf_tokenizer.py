@@ -81,7 +81,7 @@ def vocabulary_kind(tokenizer: Any) -> tuple[str, str | None]:
             f"text into '{SPACE}'-joined pieces with one '{SPACE}' prepended, as llama.cpp's SentencePiece vocabulary "
             "does. Export with format='compressed-tensors' or 'gptq'."
         )
-    return "gpt2", pre_tokenizer_name(tokenizer)
+    return "gpt2", pre_tokenizer_name(tokenizer, spec)
 
 
 def _sentencepiece_pieces(tokenizer: Any, text: str) -> list[str]:
@@ -115,10 +115,10 @@ def _warn_where_llama_cpp_prefixes_otherwise(tokenizer: Any) -> None:
         )
 
 
-def pre_tokenizer_name(tokenizer: Any) -> str:
+def pre_tokenizer_name(tokenizer: Any, spec: dict | None = None) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE `tokenizer` (a transformers fast tokenizer); ValueError,
     naming what is supported, when it is not one or splits text as none of `PRE_TOKENIZERS` does."""
-    spec = _spec(tokenizer)
+    spec = _spec(tokenizer) if spec is None else spec  # tokenizer.json as a dict, when the caller has parsed it
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or spec.get("normalizer") is not None:
         raise ValueError(
@@ -161,14 +161,14 @@ def write_tokenizer(
     kinds = gguf.TokenType
     tokens = [f"[PAD{i}]" for i in range(rows)]
     types = [kinds.UNUSED] * rows
-    for token, index in tokenizer.get_vocab().items():
+    vocab = tokenizer.get_vocab()
+    for token, index in vocab.items():
         tokens[index], types[index] = token, kinds.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in _spec(tokenizer)["model"]["merges"]]
     if model == "llama":
         scores = [0.0] * rows
-        index_of = tokenizer.get_vocab()
         for rank in range(len(merges) - 1, -1, -1):  # the lowest rank that makes a token wins
-            made = index_of.get(merges[rank].replace(" ", "", 1))
+            made = vocab.get(merges[rank].replace(" ", "", 1))
             if made is not None:
                 scores[made] = -float(rank + 1)
         for index, token in enumerate(tokens):

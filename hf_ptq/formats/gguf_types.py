@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..nn import QuantLinear
+from ..core.quant import QuantizedWeight
+from . import gguf_kquants
+from .gguf_kquants import K_TYPES, SUPER_BLOCK
 
 BLOCK = 32  # inputs per block of the 32-block types
-SUPER_BLOCK = 256  # inputs per K-quant super-block
 TYPE_BITS = {"Q8_0": 8, "Q6_K": 6, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4}
-K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+EXACT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # the 32-block types a hf_ptq grid can be written into
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # rows not a multiple of 256 inputs (as llama.cpp)
 
 
@@ -99,15 +100,14 @@ def auto_type(bits: int, sym: bool, float_zero_point: bool) -> str:
 # ---- bytes ------------------------------------------------------------------------------------------------------
 
 
-def _block_params(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+def _block_params(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
     """(q int16 [out, in/32, 32]; zero point [out, in/32] (integer or float) or None; scale fp32 [out, in/32]) of the
-    layer's blocks of 32 inputs, or None when a block spans two hf_ptq groups."""
-    if layer.weight_g_idx is not None or (layer.group_size > 0 and layer.group_size % BLOCK):
+    blocks of 32 inputs of a layer's weight `qw`, or None when a block spans two hf_ptq groups."""
+    if qw.g_idx is not None or (qw.group_size > 0 and qw.group_size % BLOCK):
         return None
-    qw = layer.quantized_weight()
     out_f, in_f = qw.q.shape
     blocks = in_f // BLOCK
-    if layer.group_size == 0:
+    if qw.group_size == 0:
         scale = qw.scale.float().reshape(1, 1).expand(out_f, blocks)
         zero = None if qw.zero_point is None else qw.zero_point.reshape(1, 1).expand(out_f, blocks)
     else:
@@ -117,11 +117,11 @@ def _block_params(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None
     return qw.q.to(torch.int16).reshape(out_f, blocks, BLOCK), zero, scale
 
 
-def encode_exact(layer: QuantLinear, type_name: str) -> np.ndarray | None:
-    """The layer's integers as blocks of the 32-block type `type_name` (uint8 [out, in/32 * block bytes]),
+def encode_exact(qw: QuantizedWeight, type_name: str) -> np.ndarray | None:
+    """A layer's integers (`qw`) as blocks of the 32-block type `type_name` (uint8 [out, in/32 * block bytes]),
     unchanged, with fp16 scales; None when they do not fit (blocks spanning groups, integers outside the type)."""
-    params = _block_params(layer)
-    if params is None or type_name not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+    params = _block_params(qw) if type_name in EXACT_TYPES else None
+    if params is None:
         return None
     q, zero, scale = params
     d = scale.to(torch.float16)
@@ -129,7 +129,7 @@ def encode_exact(layer: QuantLinear, type_name: str) -> np.ndarray | None:
         return None
     levels = 32 if type_name.startswith("Q5") else 16
     if zero is not None and zero.is_floating_point():  # HQQ: w = d * u + m, u = q + 2^(b-1), m = -d * (z + 2^(b-1))
-        offset = 1 << (layer.bits - 1)
+        offset = 1 << (qw.bits - 1)
         if type_name not in ("Q4_1", "Q5_1") or 2 * offset > levels:
             return None
         m = (-(scale * (zero.float() + offset))).to(torch.float16)
@@ -176,18 +176,18 @@ def _pack(type_name: str, d: torch.Tensor, u: torch.Tensor, m: torch.Tensor | No
     return torch.cat(as_bytes, dim=-1).reshape(u.shape[0], -1).numpy()
 
 
-def kquant_grid(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The layer's grid per block of 32 as K-quants describe it, `w = scale * u - offset` with u = q + 2^(b-1)
+def kquant_grid(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer's grid (`qw`) per block of 32 as K-quants describe it, `w = scale * u - offset` with u = q + 2^(b-1)
     (scale, offset fp32 [out, in/32]); None when its blocks of 32 span groups."""
-    params = _block_params(layer)
+    params = _block_params(qw)
     if params is None:
         return None
     _, zero, scale = params
-    shift = float(1 << (layer.bits - 1))
+    shift = float(1 << (qw.bits - 1))
     offset = scale * shift if zero is None else scale * (zero.float() + shift)
     # full-range grids have negative scales; K-quants' are positive: count the levels from the other end,
     # w = scale * u - offset = (-scale) * (top - u) - (offset - top * scale)
-    top = float((1 << layer.bits) - 1)
+    top = float((1 << qw.bits) - 1)
     negative = scale < 0
     offset = torch.where(negative, offset - top * scale, offset)
     return scale.abs().contiguous(), offset.contiguous()
@@ -200,7 +200,5 @@ def encode_float(weight: torch.Tensor, type_name: str) -> np.ndarray:
 
     w = weight.detach().float()
     if type_name in K_TYPES:
-        from . import gguf_kquants
-
         return gguf_kquants.encode(w, type_name)
     return gguf.quants.quantize(w.numpy(), getattr(gguf.GGMLQuantizationType, type_name))
