@@ -28,6 +28,33 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def high_water_rss_bytes() -> int:
+    """Peak RSS of this process since it started or since `reset_high_water_rss()` (Linux `VmHWM`), in bytes.
+
+    Unlike `ru_maxrss`, which a child inherits from its parent across fork + exec, `VmHWM` starts with the process.
+    Elsewhere: `peak_rss_bytes()`.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def reset_high_water_rss() -> bool:
+    """Reset `VmHWM` to the current RSS (Linux `/proc/self/clear_refs`), so the next reading covers what follows;
+    False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def tree_bytes(obj: object, _seen: set[int] | None = None) -> int:
     """Bytes of the tensors in `obj` and in the tensor-valued attributes quantized parameters carry.
 
