@@ -268,3 +268,33 @@ def test_gptq_config_defaults_and_round_trip() -> None:
     rtn = PtqConfig().to_dict()
     assert rtn["desc_act"] is None and PtqConfig(**rtn) == PtqConfig()
     assert PtqConfig(method="gptq").dataset_description == {"source": "sampled-from-model"}
+
+
+def test_factorization_keeps_the_callers_thread_count(monkeypatch) -> None:
+    """gptq_quantize runs its small ops on one CPU thread, but the factorization of H (whose LAPACK bits depend on
+    the thread count) with the caller's count; the caller's count is restored afterwards."""
+    import hf_ptq.methods.gptq as gptq_module
+
+    seen = {}
+    factor, search = torch.cholesky_inverse, gptq_module.clipped_qparams
+
+    def recording_factor(*args, **kwargs):
+        seen["factor"] = torch.get_num_threads()
+        return factor(*args, **kwargs)
+
+    def recording_search(*args, **kwargs):
+        seen.setdefault("search", set()).add(torch.get_num_threads())
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cholesky_inverse", recording_factor)
+    monkeypatch.setattr(gptq_module, "clipped_qparams", recording_search)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = correlated_inputs(256, 64)
+        w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+        gptq_quantize(w, hessian_of(x), 4, 32, False, desc_act=True, clip=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"factor": 2, "search": {1}}  # a 48 x 32 range search is small work

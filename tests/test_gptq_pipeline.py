@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq
 from hf_ptq import PtqConfig
+from hf_ptq.core.page_release import checkpoint_files_mapped
 from hf_ptq.nn import QuantLinear
 
 CALIB = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(7))
@@ -222,3 +223,62 @@ def test_replaced_float_linears_are_released() -> None:
     hf_ptq.quantize(model, gptq_config())
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_small_models_calibrate_on_one_thread_with_the_same_result(monkeypatch) -> None:
+    """A tiny model's walk runs on one CPU thread (each op would wait for a busy core on a loaded machine) and gives
+    bit for bit the result of the walk with the caller's thread count."""
+    from hf_ptq.pipeline import sequential
+
+    threads_seen: set[int] = set()
+    original = sequential.collect
+
+    def recording(*args, **kwargs):
+        threads_seen.add(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "collect", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = FAMILIES["llama"].build()
+        one = hf_ptq.quantize(copy.deepcopy(model), gptq_config(desc_act=True))
+        assert threads_seen == {1} and torch.get_num_threads() == 2
+        monkeypatch.setattr(sequential, "SMALL_WORK_MACS", 0)
+        threads_seen.clear()
+        caller = hf_ptq.quantize(model, gptq_config(desc_act=True))
+        assert threads_seen == {2}
+    finally:
+        torch.set_num_threads(before)
+    a, b = one.state_dict(), caller.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_page_release_only_with_mapped_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """The walk gives back checkpoint pages of the float weights it replaces when the model was loaded from (mapped)
+    safetensors files, and skips that work (a read of /proc/self/maps per layer group) for a model built in memory."""
+    import sys
+
+    from hf_ptq.pipeline import sequential
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("page release works on Linux only")
+    released: list[int] = []
+    original = sequential.release_file_pages
+
+    def counting(*tensors):
+        released.append(len(tensors))
+        return original(*tensors)
+
+    monkeypatch.setattr(sequential, "release_file_pages", counting)
+    model = FAMILIES["llama"].build()
+    model.save_pretrained(tmp_path)
+    gc.collect()  # models of earlier tests may still map their checkpoints until collected
+    mapped_elsewhere = checkpoint_files_mapped()
+    hf_ptq.quantize(model, gptq_config())
+    assert released == [] or mapped_elsewhere
+    released.clear()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert checkpoint_files_mapped()
+    hf_ptq.quantize(loaded, gptq_config())
+    assert len(released) >= 8 and sum(released) >= 14  # every group of both blocks, each with its Linears

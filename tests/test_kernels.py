@@ -330,3 +330,102 @@ def test_keep_dense_weights_builds_each_dense_weight_once(monkeypatch: pytest.Mo
         outputs = [layer(x) for _ in range(3)]
     assert builds == Counter({dense_dtype: 2}) and layer._dense_cache is None
     assert all(torch.equal(y, expected) for y in outputs)
+
+
+# --- the dense weight: one C pass on CPU, act-order in natural channel order ----------------------------------------
+
+
+def dense_c_kernel_available() -> bool:
+    """On a Linux machine with a C compiler the dense-weight kernel must build (CI has one): not a silent skip."""
+    import shutil
+    import sys
+
+    from hf_ptq.kernels import native
+
+    if not sys.platform.startswith("linux") or not (shutil.which("cc") or shutil.which("gcc")):
+        return False
+    assert native.load("dense_weight_cpu.c") is not None, (
+        "a C compiler is installed but dense_weight_cpu.c did not build"
+    )
+    return True
+
+
+def shuffled_groups(in_f: int = 128, group_size: int = 32, seed: int = 2) -> torch.Tensor:
+    """GPTQ act-order groups: every group has group_size channels, scattered over the input."""
+    perm = torch.randperm(in_f, generator=torch.Generator().manual_seed(seed))
+    return (torch.arange(in_f) // group_size)[torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("native_kernels", ("1", "0"))
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym", "in_f"),
+    [
+        (4, 32, False, 128),
+        (4, 32, True, 96),
+        (4, -1, False, 50),
+        (4, 0, True, 128),
+        (8, 32, False, 128),
+        (8, -1, True, 7),
+        (4, -1, True, 7),
+    ],
+)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_dense_weight_c_and_torch_paths_give_the_reference(
+    monkeypatch: pytest.MonkeyPatch, native_kernels: str, bits: int, group_size: int, sym: bool, in_f: int, dtype
+) -> None:
+    """Both builds of the dense weight (the C pass and the torch ops) give exactly the reference rounded once, for
+    grouped, per-channel and per-tensor qparams and for input widths that are not a multiple of 8."""
+    monkeypatch.setenv("HF_PTQ_NATIVE_KERNELS", native_kernels)
+    if native_kernels == "1":
+        dense_c_kernel_available()
+    layer = make_layer(in_f=in_f, bits=bits, group_size=group_size, sym=sym)
+    assert torch.equal(layer._build_dense_weight(dtype), layer.dequantized_weight(torch.float32).to(dtype))
+
+
+@pytest.mark.parametrize("native_kernels", ("1", "0"))
+@pytest.mark.parametrize("balanced", (True, False))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_act_order_dense_weight_is_the_reference(
+    monkeypatch: pytest.MonkeyPatch, native_kernels: str, balanced: bool, dtype: torch.dtype
+) -> None:
+    """Act-order layers (GPTQ's scattered groups, or groups of unequal sizes) build their dense weight from the
+    packed buffer in the natural channel order: exactly the reference weight, and no reordered copy is kept."""
+    monkeypatch.setenv("HF_PTQ_NATIVE_KERNELS", native_kernels)
+    g_idx = shuffled_groups()
+    if not balanced:
+        g_idx[:40] = 0
+    layer = act_order_layer(g_idx)
+    assert torch.equal(layer._build_dense_weight(dtype), layer.dequantized_weight(torch.float32).to(dtype))
+    assert {name for name, _ in layer._kernel_cache} == {"dense"}  # qparams only: no second copy of the codes
+
+
+def test_act_order_dense_path_matches_reference(calls: Counter) -> None:
+    """200 rows of an act-order layer run the dense path and stay within the bf16 bound of the fp32 reference, the
+    tolerance the other layouts meet."""
+    layer = act_order_layer(shuffled_groups())
+    check_close(layer, activations(200))
+    assert calls == Counter(dense_matmul=2)
+
+
+@pytest.mark.parametrize("compute_dtype", ("auto", "float32"))
+def test_act_order_equals_natural_order_on_gathered_input(compute_dtype: str) -> None:
+    """An act-order layer on x computes what the same integers and scales with the channels in group order compute
+    on x's channels gathered into that order. Exact here: small integer inputs and power-of-two scales make every
+    product and partial sum exact, so the summation order cannot matter."""
+    from hf_ptq.core.quant import QuantizedWeight
+
+    in_f, out_f, gs, rows = 128, 48, 32, 200
+    g = torch.Generator().manual_seed(9)
+    g_idx = shuffled_groups(in_f, gs)
+    order = torch.argsort(g_idx, stable=True)  # channels in group order
+    q = torch.randint(-8, 8, (out_f, in_f), generator=g, dtype=torch.int8)
+    scale = (2.0 ** -torch.randint(3, 7, (out_f, in_f // gs), generator=g)).to(torch.bfloat16)
+    zero = torch.randint(-8, 8, (out_f, in_f // gs), generator=g, dtype=torch.int8)
+    act = QuantLinear(in_f, out_f, False, 4, gs, False, act_order=True, compute_dtype=compute_dtype)
+    act.set_quantized(QuantizedWeight(q, scale, zero, 4, gs, g_idx.to(torch.int32)))
+    natural = QuantLinear(in_f, out_f, False, 4, gs, False, compute_dtype=compute_dtype)
+    natural.set_quantized(QuantizedWeight(q[:, order].contiguous(), scale, zero, 4, gs))
+    x = torch.randint(-2, 3, (rows, in_f), generator=g).to(torch.bfloat16)
+    y = act(x)
+    assert torch.equal(y, natural(x[:, order].contiguous()))
+    assert torch.equal(y, act.forward_reference(x).to(y.dtype))  # the exact sums, rounded once

@@ -32,6 +32,12 @@ def _checkpoint_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+def checkpoint_files_mapped() -> bool:
+    """Whether a checkpoint file is memory-mapped in this process now. A walk that starts with none mapped holds no
+    float weight in one, so it can skip `release_file_pages`, which reads /proc/self/maps on every call (1-3 ms)."""
+    return sys.platform.startswith("linux") and bool(_checkpoint_mappings())
+
+
 def _c_library():
     global _libc
     if _libc is None:

@@ -9,16 +9,24 @@ Two CPU classes behave differently, so the choice depends on which one runs:
   (0.15 ms against 0.22 ms bf16 / 1.7 ms dequantize + fp32 for 1536x576, one row), and with fp32 activations
   they are 10-15x slower. So the dequantize path computes in fp32 there.
 Both: the packed kernels run only with bf16 activations, for few rows; otherwise the weight is dequantized and a
-dense matmul runs. The dequantize path is always correct and is the reference the kernels are tested against.
+dense matmul runs. The dequantize path is always correct and is the reference the kernels are tested against. On
+CPU the dense weight of a 4- or 8-bit layer is built in one C pass from the packed codes (`dense_weight_cpu`,
+act-order `g_idx` included), with the bits of the torch ops it replaces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import ctypes
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 # Up to this many rows (tokens x batch) a layer runs its packed kernel; more rows dequantize and use a dense
 # matmul. Crossovers measured on one core for SmolLM2's layer shapes (1536x576, 576x1536, 576x576).
@@ -63,6 +71,36 @@ def compute_dtypes(setting: str, x: torch.Tensor) -> tuple[torch.dtype | None, t
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return torch.bfloat16, (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     return (x.dtype if x.dtype == torch.bfloat16 else None), x.dtype
+
+
+# --- thread counts for small work ---------------------------------------------------------------------------------
+# Every multi-threaded op waits for all its threads: on a loaded machine (2 cores, busy neighbours) that is a
+# scheduler time slice per op, milliseconds for an op of microseconds. Work too small to gain from more threads runs
+# inside `cpu_threads(1)`; what must run with the caller's count (LAPACK factorizations, whose bits depend on it, and
+# large ops) reads `full_thread_count()`.
+_FULL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("hf_ptq_full_threads", default=None)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Within: torch runs `count` intra-op threads (None: unchanged); `full_thread_count()` still answers the count
+    outside the outermost `cpu_threads`."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    token = _FULL_THREADS.set(_FULL_THREADS.get() or before)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _FULL_THREADS.reset(token)
+
+
+def full_thread_count() -> int:
+    """torch's thread count outside any `cpu_threads` section (the caller's count)."""
+    return _FULL_THREADS.get() or torch.get_num_threads()
 
 
 def int4_kernel_group(in_features: int, group_size: int) -> int | None:
@@ -118,3 +156,70 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, weight, bias)
+
+
+# --- dense weights on CPU, in one C pass --------------------------------------------------------------------------
+_DENSE_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def dense_weight_cpu(
+    packed: torch.Tensor,
+    bits: int,
+    in_features: int,
+    scale: torch.Tensor,
+    center: torch.Tensor,
+    group_members: int,
+    g_idx: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """w [out, in] in `dtype` = (u - center) * scale, from `packed` int32 [out, words] holding the stored unsigned
+    4- or 8-bit codes u, in one C pass (`dense_weight_cpu.c`); the same bits as those fp32 ops in torch.
+
+    scale, center: fp32 [out or 1, groups] (one row: the same for every output channel). Input channel j belongs to
+    group `j // group_members` (groups * group_members == in), or `g_idx[j]` (int32 [in], act-order) when given,
+    which must lie in [0, groups).
+    None where the C kernel does not run: not CPU, another bit width or dtype, no compiler, HF_PTQ_NATIVE_KERNELS=0.
+    """
+    if packed.device.type != "cpu" or bits not in (4, 8) or dtype not in _DENSE_DTYPES:
+        return None
+    fn = _dense_weight_function(bits, dtype) if native.enabled() else None
+    if fn is None:
+        return None
+    rows = packed.shape[0]
+    groups_fit = g_idx is not None or scale.shape[-1] * group_members == in_features
+    if scale.dtype != torch.float32 or center.shape != scale.shape or scale.shape[0] not in (1, rows) or not groups_fit:
+        raise ValueError(
+            f"dense_weight_cpu: scale {tuple(scale.shape)} / center {tuple(center.shape)} for {rows} rows of "
+            f"{in_features} inputs in groups of {group_members}"
+        )
+    packed, scale, center = packed.contiguous(), scale.contiguous(), center.contiguous()
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int32).contiguous()
+    out = torch.empty(rows, in_features, dtype=dtype)
+    fn(
+        packed.data_ptr(),
+        packed.shape[1] * 4,
+        rows,
+        in_features,
+        scale.data_ptr(),
+        center.data_ptr(),
+        scale.shape[1] if scale.shape[0] > 1 else 0,
+        scale.shape[1],
+        group_members,
+        None if g_idx is None else g_idx.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+@functools.cache
+def _dense_weight_function(bits: int, dtype: torch.dtype):
+    lib = native.load("dense_weight_cpu.c")
+    if lib is None:
+        return None
+    fn = getattr(lib, f"dense_weight_{bits}_{_DENSE_DTYPES[dtype]}")
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, p, p, ctypes.c_int]
+    fn.restype = None
+    return fn

@@ -14,8 +14,6 @@ Linears that share an input share `H`; GPTQ treats rows independently, so their 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +21,7 @@ import torch
 from ..core.clip_search import clipped_qparams
 from ..core.finite import non_finite_counts
 from ..core.quant import QuantizedWeight, compute_qparams, qrange
-from ..kernels import cpu_has_fast_bf16
+from ..kernels import cpu_has_fast_bf16, cpu_threads, full_thread_count
 from . import register_method
 
 if TYPE_CHECKING:
@@ -34,6 +32,10 @@ logger = logging.getLogger("hf_ptq")
 GPTQ_FIELDS = ("desc_act", "static_groups", "damp_percent", "true_sequential", "block_size", "clip")
 DAMP_FLOOR = 0.01  # the first retry damps at least this much (GPTQ's default damp_percent)
 MAX_DAMP = 10.0  # the last retry: λ = 10 · mean(diag H), enough for any finite positive semi-definite H
+# A range search over fewer values than this ([candidates, rows, group members]) runs on one thread: its dozen ops
+# gain nothing from a second thread and, on a loaded machine, each would wait for one (see `kernels.cpu_threads`).
+SEARCH_PARALLEL_VALUES = 1 << 22
+SEARCH_CANDIDATES = 26  # shrink factors `clipped_qparams` evaluates by default
 
 
 class GPTQ:
@@ -104,14 +106,17 @@ def damping_schedule(damp_percent: float) -> list[float]:
     return damps
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, damp_percent: float, threads: int | None = None
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of `(H + λI)⁻¹` with `λ = damp · mean(diag H)`, and the damp used.
 
     The damps of `damping_schedule(damp_percent)` are tried in turn until `H + λI` factorizes (a warning names the
     damp used when it is not `damp_percent`). For a finite positive semi-definite H the last one, `MAX_DAMP`, always
     succeeds (H + λI then has a condition number below `in_features / MAX_DAMP + 1`), so a failure means H holds
     NaN / inf (raised at once, with the count) or is not a Hessian at all. Raises ValueError (the calibration
-    pipeline adds the layer's name).
+    pipeline adds the layer's name). `threads`: CPU threads for the factorizations and the mean (None: torch's
+    current count), whose bits depend on it; the rest runs with the current count.
     """
     nans, infs = non_finite_counts(hessian)
     if nans or infs:
@@ -121,21 +126,25 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[
             "overflow: load the model in bfloat16 or float32)."
         )
     n = hessian.shape[0]
-    mean_diag = hessian.diagonal().mean().item()
+    with cpu_threads(threads):
+        mean_diag = hessian.diagonal().mean().item()
     eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
     damps = damping_schedule(damp_percent)
     for damp in damps:
-        lower, info = torch.linalg.cholesky_ex(hessian + (damp * mean_diag) * eye)
-        if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info.item() == 0:
-                if damp != damp_percent:
-                    logger.warning(
-                        "hf_ptq gptq: the Hessian was not positive definite with damp_percent=%g; used %g instead.",
-                        damp_percent,
-                        damp,
-                    )
-                return upper, damp
+        damped = hessian + (damp * mean_diag) * eye
+        with cpu_threads(threads):
+            lower, info = torch.linalg.cholesky_ex(damped)
+            factorized = info.item() == 0
+            if factorized:
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if factorized and info.item() == 0:
+            if damp != damp_percent:
+                logger.warning(
+                    "hf_ptq gptq: the Hessian was not positive definite with damp_percent=%g; used %g instead.",
+                    damp_percent,
+                    damp,
+                )
+            return upper, damp
     tried = ", ".join(f"{d:g}" for d in damps)
     raise ValueError(
         f"gptq: the Hessian stays singular with every damp_percent tried ({tried}; mean of its diagonal "
@@ -158,31 +167,9 @@ def _group_qparams(
     return clipped_qparams(w, bits, sym, scale_dtype, importance, full_range=full_range)
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[int]:
-    """The column loop is thousands of small ops: on CPU one thread is faster (measured 0.3 s against 3-10 s for a
-    3072x576 weight on a busy 2-core machine, where every multi-threaded op waits for the other core). Yields the
-    thread count to restore for the few large ops inside the loop."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu":
-        yield threads
-        return
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    """Run a large op inside the single-threaded column loop with `count` threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _search_threads(threads: int, rows: int, members: int, clip: bool) -> int:
+    """Threads for the qparams of `rows` x `members` weights: `threads` for large range searches, else 1."""
+    return threads if clip and rows * members * SEARCH_CANDIDATES >= SEARCH_PARALLEL_VALUES else 1
 
 
 @torch.no_grad()
@@ -211,20 +198,26 @@ def gptq_quantize(
     """
     if full_range and not sym:
         raise ValueError("gptq: full_range applies to symmetric grids only (sym=True)")
-    return _gptq(
-        weight,
-        hessian,
-        bits,
-        group_size,
-        sym,
-        damp_percent,
-        desc_act,
-        static_groups,
-        block_size,
-        clip,
-        scale_dtype,
-        full_range,
-    )
+    # On CPU everything runs on one thread (thousands of small ops: measured 0.3 s against 3-10 s for a 3072x576
+    # weight on a busy 2-core machine, where every multi-threaded op waits for the other core), except the
+    # factorization of H, whose bits depend on the thread count (it keeps the caller's), and large range searches.
+    threads = full_thread_count() if weight.device.type == "cpu" else None
+    with cpu_threads(None if threads is None else 1):
+        return _gptq(
+            weight,
+            hessian,
+            bits,
+            group_size,
+            sym,
+            damp_percent,
+            desc_act,
+            static_groups,
+            block_size,
+            clip,
+            scale_dtype,
+            full_range,
+            threads,
+        )
 
 
 def _gptq(
@@ -240,7 +233,13 @@ def _gptq(
     clip: bool,
     scale_dtype: torch.dtype | None,
     full_range: bool,
+    threads: int | None,
 ) -> QuantizedWeight:
+    """`gptq_quantize`, inside its one-thread section; `threads`: the caller's CPU thread count (None off CPU)."""
+
+    def search_threads(rows: int, members: int) -> int | None:
+        return None if threads is None else _search_threads(threads, rows, members, clip)
+
     scale_dtype = scale_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
     w = weight.detach().to(torch.float32).clone()
     out_f, in_f = w.shape
@@ -253,22 +252,24 @@ def _gptq(
     gs = group_size if grouped else in_f
     if not grouped:  # one scale per row (or per tensor) from the whole weight, fixed before the updates
         if group_size == -1:
-            fixed = _group_qparams(w, bits, sym, scale_dtype, h.diagonal() if clip else None, full_range)
+            with cpu_threads(search_threads(out_f, in_f)):
+                fixed = _group_qparams(w, bits, sym, scale_dtype, h.diagonal() if clip else None, full_range)
         else:
             lo, hi = w.amin().expand(out_f), w.amax().expand(out_f)
             fixed = compute_qparams(lo, hi, bits, sym, scale_dtype, full_range)
     elif static_groups:  # every natural group's qparams from the (dead-zeroed) original weight
         d = h.diagonal()
-        static = [
-            _group_qparams(w[:, g : g + gs], bits, sym, scale_dtype, d[g : g + gs] if clip else None, full_range)
-            for g in range(0, in_f, gs)
-        ]
+        with cpu_threads(search_threads(out_f, gs)):
+            static = [
+                _group_qparams(w[:, g : g + gs], bits, sym, scale_dtype, d[g : g + gs] if clip else None, full_range)
+                for g in range(0, in_f, gs)
+            ]
 
     perm = torch.argsort(h.diagonal(), descending=True) if desc_act else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     importance = h.diagonal().clone() if clip else None  # in visiting order
-    u, _ = inverse_hessian_factor(h, damp_percent)
+    u, _ = inverse_hessian_factor(h, damp_percent, threads)
     del h
     natural = list(range(in_f)) if perm is None else perm.tolist()  # original index of each visited column
 
@@ -279,30 +280,30 @@ def _gptq(
     s, z = _floats(fixed) if not grouped else (None, None)
     if grouped and static_groups:
         static_floats = [_floats(qp) for qp in static]
+    group_threads = search_threads(out_f, gs)
     # Block boundaries include every group start, so a group's qparams are computed from fully updated columns.
     starts = sorted(set(range(0, in_f, block_size)) | (set(range(0, in_f, gs)) if grouped else set()))
-    with _one_cpu_thread(w.device) as threads:  # the column loop: thousands of small ops
-        for i1, i2 in zip(starts, starts[1:] + [in_f], strict=True):
-            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-            err = torch.empty_like(w1)
-            for i in range(i2 - i1):
-                col = i1 + i
-                if grouped and static_groups:
-                    s, z = static_floats[natural[col] // gs]
-                elif grouped and col % gs == 0:  # i == 0 here: w[:, col:col+gs] holds every update so far
-                    imp = None if importance is None else importance[col : col + gs]
-                    with _threads(threads):  # the range search handles [candidates, out, group_size] at once
-                        qp = _group_qparams(w[:, col : col + gs], bits, sym, scale_dtype, imp, full_range)
-                    scales.append(qp[0])
-                    zeros.append(qp[1])
-                    s, z = _floats(qp)
-                wc = w1[:, i]
-                qc = torch.round(wc / s).add_(z).clamp_(qmin, qmax)  # as quantize_with, for one column
-                q[:, col] = qc
-                e = (wc - (qc - z) * s).div_(pivots[col])
-                w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-                err[:, i] = e
-            w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
+    for i1, i2 in zip(starts, starts[1:] + [in_f], strict=True):
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped and static_groups:
+                s, z = static_floats[natural[col] // gs]
+            elif grouped and col % gs == 0:  # i == 0 here: w[:, col:col+gs] holds every update so far
+                imp = None if importance is None else importance[col : col + gs]
+                with cpu_threads(group_threads):  # a large search handles [candidates, out, group_size] at once
+                    qp = _group_qparams(w[:, col : col + gs], bits, sym, scale_dtype, imp, full_range)
+                scales.append(qp[0])
+                zeros.append(qp[1])
+                s, z = _floats(qp)
+            wc = w1[:, i]
+            qc = torch.round(wc / s).add_(z).clamp_(qmin, qmax)  # as quantize_with, for one column
+            q[:, col] = qc
+            e = (wc - (qc - z) * s).div_(pivots[col])
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+            err[:, i] = e
+        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
     q = q.to(torch.int8)
 
     g_idx = None

@@ -36,8 +36,8 @@ from transformers.utils.logging import tqdm
 
 from ..calibration.self_generated import input_device
 from ..core.finite import require_finite_activations, require_finite_weight
-from ..core.page_release import release_file_pages, trim_heap
-from ..kernels import cpu_has_fast_bf16
+from ..core.page_release import checkpoint_files_mapped, release_file_pages, trim_heap
+from ..kernels import cpu_has_fast_bf16, cpu_threads
 from ..methods import MethodSpec, method_spec
 from ..nn.quant_linear import keep_dense_weights
 from ..nn.replace import check_group_size, float_weight, linear_shape, quantizable_linears
@@ -51,6 +51,12 @@ from .smoothing import BlockSmoother
 logger = logging.getLogger("hf_ptq")
 
 Stage = list[list[str]]  # groups of Linear names (relative to their block) sharing one input, in call order
+
+# A model whose largest quantized matmul on one calibration batch (rows x in x out) is below this runs the walk on
+# one CPU thread (`small_work_threads`): its ops take microseconds, and on a loaded machine every multi-threaded op
+# waits for a busy core (measured on a 2-block, 128-wide Llama with 8 x 64 tokens: 11 s per run with 2 threads
+# against 0.3 s with 1, at a load average of 5.7 on 2 cores). GPTQ's factorization of H keeps the caller's count.
+SMALL_WORK_MACS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -151,12 +157,13 @@ def calibration_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def to_work_dtype(block: nn.Module, work_dtype: torch.dtype) -> None:
+def to_work_dtype(block: nn.Module, work_dtype: torch.dtype, release_pages: bool = True) -> None:
     """Cast `block` to `work_dtype`; the float tensors it held before give back their checkpoint pages (the block
-    now holds copies)."""
+    now holds copies) unless `release_pages` is False (`checkpoint_files_mapped`)."""
     before = [t for t in block.state_dict().values() if t.is_floating_point() and t.dtype != work_dtype]
     block.to(work_dtype)
-    release_file_pages(*before)
+    if release_pages:
+        release_file_pages(*before)
 
 
 def quantize_group(
@@ -168,13 +175,15 @@ def quantize_group(
     dtype: torch.dtype,
     smoother: BlockSmoother | None = None,
     prefix: str = "",
+    release_pages: bool = True,
 ) -> None:
     """Quantize the Linears of `group` (sharing `stats`) with `spec`, stacked row-wise; swap in QuantLinears.
 
     `dtype` is the model's dtype: the weights are quantized as stored in it and the scales are kept in it. With a
     `smoother` (methods with `smooth`), the group's input scale is searched and folded first. `prefix` + a name is
     the Linear's name in the model, for errors: a non-finite weight is refused (`require_finite_weight`), and a
-    method's ValueError is raised again naming the group's layers."""
+    method's ValueError is raised again naming the group's layers. The replaced float weights give back their
+    checkpoint pages unless `release_pages` is False (`checkpoint_files_mapped`)."""
     modules = [scope.get_submodule(n) for n in group]
     weights = [read_float_weight(m).to(dtype) for m in modules]
     for name, weight in zip(group, weights, strict=True):
@@ -196,7 +205,8 @@ def quantize_group(
         part = qw.rows(slice(row, row + weight.shape[0]))
         row += weight.shape[0]
         install_quantized(scope, name, module, part, config, dtype)
-    release_file_pages(*(float_weight(m) for m in modules))  # the replaced float weights are never read again
+    if release_pages:  # the replaced float weights are never read again
+        release_file_pages(*(float_weight(m) for m in modules))
 
 
 @contextmanager
@@ -240,10 +250,34 @@ def quantize_blocks(
     found = list(quantizable_linears(model, skip))
     check_group_size(found, config.group_size)
     targets = [n for n, _ in found]  # names only: a replaced float Linear must not stay referenced
+    threads = small_work_threads(model, [m for _, m in found], batches)
     del found
+    with cpu_threads(threads):
+        return _quantize_blocks(model, config, batches, targets, spec, desc)
+
+
+def small_work_threads(model: nn.Module, linears: list[nn.Module], batches: list[torch.Tensor]) -> int | None:
+    """1 when the walk's work is too small for more CPU threads to help (`SMALL_WORK_MACS`), else None (unchanged).
+
+    Results do not change: such a walk's ops (elementwise, reductions over tensors below torch's parallel grain,
+    small matmuls) give the same bits on one thread; `test_small_models_calibrate_on_one_thread_with_the_same_result`
+    compares the two walks, and the GPTQ, AWQ and SmoothQuant state dicts of tiny Llamas were compared with the
+    walk before this rule (benchmarks/README.md, "fixed_costs.py")."""
+    on_cpu = all(p.device.type in ("cpu", "meta") for p in model.parameters())
+    if not on_cpu or not linears or not batches:
+        return None
+    rows = max(b.numel() for b in batches)
+    largest = max(linear_shape(m)[0] * linear_shape(m)[1] for m in linears)
+    return 1 if rows * largest < SMALL_WORK_MACS else None
+
+
+def _quantize_blocks(
+    model: nn.Module, config, batches: list[torch.Tensor], targets: list[str], spec: MethodSpec, desc: str | None
+) -> list[str]:
     prefix, blocks = find_blocks(model)
     dtype = _float_dtype(blocks)
     work_dtype = calibration_dtype(model, dtype)
+    release = checkpoint_files_mapped()
     captured = capture_inputs(model, blocks, batches)
     check_captured(captured.hidden, model, prefix)
     captured.calls_to_dtype(work_dtype)  # masks, rotary tables: small, cast once
@@ -261,7 +295,7 @@ def quantize_blocks(
         head = f"{prefix}.{i}."
         names = [n[len(head) :] for n in targets if n.startswith(head)]
         calls = captured.calls[i]
-        to_work_dtype(block, work_dtype)
+        to_work_dtype(block, work_dtype, release)
         quantized: set[str] = set()  # names (relative to the block) already quantized
         store = OutputStore(block, [], dtype, work_dtype)
         if names:
@@ -279,12 +313,12 @@ def quantize_blocks(
                 with store.serving(quantized, store=True), keep_dense_weights(block):
                     stats = collect(block, stage, spec.statistics, hidden, calls, work_dtype, store)
                 for group, group_stats in zip(stage, stats, strict=True):
-                    quantize_group(block, group, group_stats, spec, config, dtype, smoother, head)
+                    quantize_group(block, group, group_stats, spec, config, dtype, smoother, head, release)
                     quantized.update(group)
             if smoother is not None:
                 smoother.warn_unscaled(warned, config.method, model_type)
             for name in layout.uncalled:
-                quantize_group(block, [name], None, spec, config, dtype, prefix=head)
+                quantize_group(block, [name], None, spec, config, dtype, prefix=head, release_pages=release)
             done += [head + n for n in names]
         with store.serving(quantized, store=False), keep_dense_weights(block):
             for b, call in enumerate(calls):
@@ -301,13 +335,19 @@ def quantize_blocks(
     quantized = set(done)
     leftovers = [n for n in targets if n not in quantized]
     if leftovers:
-        quantize_outside_blocks(model, leftovers, spec, config, batches, dtype)
+        quantize_outside_blocks(model, leftovers, spec, config, batches, dtype, release)
         done += leftovers
     return done
 
 
 def quantize_outside_blocks(
-    model: nn.Module, names: list[str], spec: MethodSpec, config, batches: list[torch.Tensor], dtype: torch.dtype
+    model: nn.Module,
+    names: list[str],
+    spec: MethodSpec,
+    config,
+    batches: list[torch.Tensor],
+    dtype: torch.dtype,
+    release_pages: bool = True,
 ) -> None:
     """Linears outside the blocks (e.g. a pooler): statistics from whole-model passes, stopped once all are seen."""
     stats = {n: spec.statistics(linear_shape(model.get_submodule(n))[0]) for n in names}
@@ -337,4 +377,5 @@ def quantize_outside_blocks(
         for handle in handles:
             handle.remove()
     for name in names:
-        quantize_group(model, [name], stats[name] if name in reached else None, spec, config, dtype)
+        stat = stats[name] if name in reached else None
+        quantize_group(model, [name], stat, spec, config, dtype, release_pages=release_pages)
