@@ -45,11 +45,14 @@ class Method:
     time_target: float = 0.5  # load+quantize time / the baseline's, at most
     w8a8: bool = False  # int8 weights and activations (SmoothQuant): the W8A8 targets apply
     same_as: str | None = None  # a row computing the same model through the library directly (ppl ratio ~ 1)
+    embeddings: str | None = None  # PtqConfig.embeddings: the embedding and lm_head quantized too
 
 
 METHODS = {
     "bf16": Method("bf16", False),
     "rtn-w4": Method("hf_ptq rtn w4 g64", True),
+    "rtn-w4-emb8": Method("hf_ptq rtn w4 g64, embeddings int8", True, embeddings="int8"),
+    "rtn-w4-emb4": Method("hf_ptq rtn w4 g64, embeddings int4 (g64 asym)", True, embeddings="int4"),
     "int8": Method("hf_ptq int8", True),
     "gptq-w4": Method("hf_ptq gptq w4 g64 (defaults: act-order, clip)", True, calibrated=True, baseline="llmc-gptq"),
     "gptq-w4-static": Method("hf_ptq gptq w4 g64 act-order static groups", True, calibrated=True, baseline="llmc-gptq"),
@@ -97,6 +100,8 @@ def quantization_config(method: str, calibration=None):
     return {
         "bf16": lambda: None,
         "rtn-w4": lambda: hf_ptq.PtqConfig(method="rtn", bits=4, group_size=64, sym=False),
+        "rtn-w4-emb8": lambda: hf_ptq.PtqConfig(method="rtn", bits=4, group_size=64, embeddings="int8"),
+        "rtn-w4-emb4": lambda: hf_ptq.PtqConfig(method="rtn", bits=4, group_size=64, embeddings="int4"),
         "int8": lambda: hf_ptq.PtqConfig(method="int8"),
         "gptq-w4": lambda: calibrated("gptq"),
         "gptq-w4-static": lambda: calibrated("gptq", desc_act=True, static_groups=True),
@@ -275,8 +280,10 @@ def measure_speed(model, prefill_ids, prompt, args: argparse.Namespace) -> dict:
 
 
 def _is_linear_like(module) -> bool:
-    """nn.Linear, its bitsandbytes subclasses, hf_ptq's QuantLinear and HQQLinear (duck-typed: in/out_features)."""
-    return hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
+    """nn.Linear, its bitsandbytes subclasses, hf_ptq's QuantLinear and HQQLinear (duck-typed: in/out_features);
+    not a quantized embedding (`embeddings=`), which has them too."""
+    linear = hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children())
+    return linear and not hasattr(module, "num_embeddings")
 
 
 def _short(exc: BaseException) -> str:
@@ -451,6 +458,9 @@ def acceptance(results: dict[str, dict]) -> list[tuple[str, float | None, str, b
             checks.append((f"prefill {label} / bf16", r, ">= 0.9", _ge(r, 0.9)))
         r = (res["peak_load"] - res["rss_before"]) / res["model_bytes"] if "peak_load" in res else None
         checks.append((f"peak RSS increase while loading / model size, {label}", r, "<= 1.2", _le(r, 1.2)))
+        if METHODS[m].embeddings and "bf16" in results:  # the checklist's memory check (hf_ptq.evaluation)
+            r = ratio(m, "bf16", "model_bytes")
+            checks.append((f"model memory {label} / bf16", r, "<= 1/3", _le(r, 1 / 3)))
         if m == "rtn-w4":
             r = res["linear_bytes"] / res["linear_bf16_bytes"] if res.get("linear_bf16_bytes") else None
             checks.append((f"quantized Linear bytes / bf16 bytes, {label}", r, "<= 0.3", _le(r, 0.3)))

@@ -10,7 +10,9 @@ from .config import PtqConfig
 from .core.finite import require_finite_weight
 from .methods import method_spec, require_package
 from .nn import QUANTIZED_MODULES, quantizable_linears
+from .nn.quant_embedding import EMBEDDING_MODULES
 from .nn.replace import check_group_size, float_weight, replace_linears
+from .nn.replace_embeddings import check_embedding_modules, quantize_embeddings
 from .pipeline import calibrate_and_quantize
 from .pipeline.preflight import prepare_calibration, warn_unmatched_modules
 from .smoothquant_config import SmoothQuantConfig
@@ -25,7 +27,7 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
     `save_pretrained` and reloads with `from_pretrained` like a model quantized on load.
     """
     already = getattr(model, "hf_quantizer", None) is not None
-    if already or any(isinstance(m, QUANTIZED_MODULES) for m in model.modules()):
+    if already or any(isinstance(m, (*QUANTIZED_MODULES, *EMBEDDING_MODULES)) for m in model.modules()):
         raise ValueError("quantize(): this model is already quantized.")
     spec = method_spec(config.method)
     skip = HfQuantizer.get_modules_to_not_convert(
@@ -40,7 +42,10 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
     require_package(spec)
     originals = dict(quantizable_linears(model, skip))
     check_group_size(list(originals.items()), config.group_size)
-    if spec.needs_calibration:
+    embeddings = getattr(config, "embeddings", None)
+    if embeddings:
+        check_embedding_modules(model, embeddings)
+    if spec.needs_calibration:  # quantizes the embeddings too, after calibration
         batches = prepare_calibration(model, config, tokenizer)  # checked against the model; None: data-free
         calibrate_and_quantize(model, config, skip, batches)
         return _mark_quantized(model, config, skip)
@@ -64,6 +69,8 @@ def quantize(model: nn.Module, config: PtqConfig | SmoothQuantConfig, tokenizer=
         module.set_quantized(spec.quantize_weight(weight, config))
         if original.bias is not None:
             module.bias = nn.Parameter(original.bias.detach().clone(), requires_grad=False)
+    if embeddings:
+        quantize_embeddings(model, config)
     return _mark_quantized(model, config, skip)
 
 

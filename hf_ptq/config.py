@@ -15,7 +15,7 @@ import torch
 from transformers.utils import logging
 
 from .auto_method import DEPLOY_TARGETS, PREFERENCES, choose_method
-from .config_base import HfPtqConfig
+from .config_base import HfPtqConfig, check_embeddings
 from .methods import method_names, method_spec
 from .methods.gptq import stores_g_idx
 
@@ -106,6 +106,12 @@ class PtqConfig(HfPtqConfig):
             about as unused with a method without calibration). `num_samples × seq_len` is at most 2**20 tokens;
             `seq_len` at most the model's `max_position_embeddings` / `n_positions`, and 16384 with `dataset=None`.
         tokenizer: tokenizer (or its name / folder) for text calibration data; default: the model's own.
+        embeddings: None (default: the input embedding and the output head `lm_head` stay in the model's dtype),
+            `"int8"` (8-bit symmetric, one scale per vocabulary row) or `"int4"` (4-bit, groups of `group_size` along
+            the hidden dimension when it divides it, else the largest of 128 / 64 / 32 that does; `sym` as the
+            config). Quantized with RTN whatever the method (calibrated methods quantize them after calibration); a
+            tied head shares the embedding's one packed tensor. Not for `nf4` / `fp4` / `llm_int8`. See
+            docs/embeddings.md.
         desc_act, static_groups, damp_percent, block_size: GPTQ options (see docs/gptq.md); only accepted with
             `method="gptq"`.
         duo_scaling, grid: AWQ options (see docs/awq.md; `grid` from 1 to 100); only accepted with `method="awq"`.
@@ -139,6 +145,7 @@ class PtqConfig(HfPtqConfig):
         batch_size: int = 1,
         compute_dtype: str = "auto",
         tokenizer: Any = None,
+        embeddings: str | None = None,
         desc_act: bool | None = None,
         static_groups: bool | None = None,
         damp_percent: float | None = None,
@@ -170,6 +177,7 @@ class PtqConfig(HfPtqConfig):
         self.batch_size = batch_size
         self.compute_dtype = compute_dtype
         self.tokenizer = tokenizer
+        self.embeddings = embeddings
         self.desc_act = desc_act
         self.static_groups = static_groups
         self.damp_percent = damp_percent
@@ -186,7 +194,7 @@ class PtqConfig(HfPtqConfig):
         self.deploy = deploy
         self.auto_choice = saved.pop("auto_choice", None)  # written by `to_dict` after method="auto" chose
         known = "method, bits, group_size, sym, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, "
-        self._take_saved_keys(saved, [known + "compute_dtype, tokenizer", *_METHOD_FIELDS, *_AUTO_FIELDS])
+        self._take_saved_keys(saved, [known + "compute_dtype, tokenizer, embeddings", *_METHOD_FIELDS, *_AUTO_FIELDS])
         self.post_init()
 
     def _resolve_auto(self, names: list[str]) -> None:
@@ -275,6 +283,14 @@ class PtqConfig(HfPtqConfig):
             )
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
+        check_embeddings(_fail, self.embeddings)
+        if self.embeddings is not None and spec.backend is not None:
+            ours = [n for n in names if method_spec(n).backend is None]
+            raise ValueError(
+                f"PtqConfig.embeddings={self.embeddings!r} does not apply to method={self.method!r}, whose weights "
+                f"live in {spec.backend}'s modules: hf_ptq quantizes embeddings only next to its own packed layers. "
+                f"Drop embeddings (embeddings=None) or choose method={' / '.join(map(repr, ours))}.{self._auto_note()}"
+            )
         if spec.check is not None:
             try:
                 spec.check(self)
@@ -296,4 +312,6 @@ class PtqConfig(HfPtqConfig):
             text += " act-order" + (" static-groups" if self.static_groups else "")
         if self.double_quant:
             text += " double-quant"
+        if self.embeddings:
+            text += f" embeddings={self.embeddings}"
         return text

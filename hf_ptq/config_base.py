@@ -16,6 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .calibration.describe import describe_dataset
 from .calibration.limits import data_free_error, token_budget_error
+from .core.embeddings import EMBEDDING_FORMATS
 
 logger = logging.getLogger("hf_ptq")
 
@@ -78,6 +79,17 @@ def check_module_patterns(fail: Fail, patterns: list[str]) -> None:
                 f"a list of module names or regular expressions; {pattern!r} is not a valid regex ({err.msg}): escape "
                 f"special characters, e.g. {re.escape(pattern)!r}",
             ) from None
+
+
+def check_embeddings(fail: Fail, value: Any) -> None:
+    """`embeddings` must be None, "int8" or "int4" (`hf_ptq.core.embeddings`)."""
+    if value is not None and (not isinstance(value, str) or value not in EMBEDDING_FORMATS):
+        raise fail(
+            "embeddings",
+            value,
+            "None (the input embedding and lm_head stay in the model's dtype), 'int8' (8-bit, one scale per row) or "
+            "'int4' (4-bit groups along the hidden dimension)",
+        )
 
 
 class HfPtqConfig(QuantizationConfigMixin):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import _METHOD_FIELDS as _PTQ_METHOD_FIELDS
-from .config_base import HfPtqConfig
+from .config_base import HfPtqConfig, check_embeddings
 from .methods.gptq import GPTQ_FIELDS
 
 QUANT_METHOD = "hf_ptq_smoothquant"
@@ -44,6 +44,9 @@ class SmoothQuantConfig(HfPtqConfig):
             `"gptq"` (error compensation against the calibration Hessian, slower to quantize).
         modules_to_not_convert: module names (or suffixes / regexes, as transformers matches them) kept in full
             precision; the output embedding is always kept.
+        embeddings: None (default: the input embedding and lm_head stay in the model's dtype), `"int8"` or
+            `"int4"`, as in `PtqConfig` (int4 symmetric here, groups of 128 / 64 / 32): weight-only, RTN, quantized
+            after calibration; a tied head shares the embedding's packed tensor. See docs/embeddings.md.
         dataset, num_samples, seq_len, batch_size, tokenizer: calibration data, as in `PtqConfig` (see
             docs/calibration.md, with the same bounds); `dataset=None` calibrates on text sampled from the model
             itself. numpy scalars are accepted in every numeric field, as Python numbers.
@@ -75,6 +78,7 @@ class SmoothQuantConfig(HfPtqConfig):
         desc_act: bool | None = None,
         block_size: int | None = None,
         clip: bool | None = None,
+        embeddings: str | None = None,
         quant_method: str = QUANT_METHOD,
         **saved: Any,
     ) -> None:
@@ -95,8 +99,9 @@ class SmoothQuantConfig(HfPtqConfig):
         self.desc_act = desc_act
         self.block_size = block_size
         self.clip = clip
+        self.embeddings = embeddings
         known = "alpha, activations, weight_method, modules_to_not_convert, dataset, num_samples, seq_len, batch_size"
-        self._take_saved_keys(saved, [known, "tokenizer, true_sequential", *_GPTQ_OPTIONS])
+        self._take_saved_keys(saved, [known, "tokenizer, true_sequential, embeddings", *_GPTQ_OPTIONS])
         self.post_init()
 
     def post_init(self) -> None:
@@ -109,6 +114,7 @@ class SmoothQuantConfig(HfPtqConfig):
         if self.weight_method not in _WEIGHT_METHODS:
             raise _fail("weight_method", self.weight_method, " or ".join(map(repr, _WEIGHT_METHODS)))
         self._check_shared_fields(_fail, needs_calibration=True)
+        check_embeddings(_fail, self.embeddings)
         if self.true_sequential is None:
             self.true_sequential = self.weight_method == "gptq"
         if not isinstance(self.true_sequential, bool):
@@ -141,4 +147,5 @@ class SmoothQuantConfig(HfPtqConfig):
         """One line for logs and model cards, e.g. `smoothquant w8a8 alpha=0.5 dynamic per-token, rtn weights`."""
         acts = "static per-tensor" if self.static else "dynamic per-token"
         alpha = self.alpha if self.alpha == "auto" else f"{self.alpha:g}"
-        return f"smoothquant w8a8 alpha={alpha} {acts}, {self.weight_method} weights"
+        text = f"smoothquant w8a8 alpha={alpha} {acts}, {self.weight_method} weights"
+        return text + (f", embeddings={self.embeddings}" if self.embeddings else "")

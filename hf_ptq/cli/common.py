@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PtqConfig
+from ..core.embeddings import EMBEDDING_FORMATS
 from ..evaluation import Thresholds
 from ..methods import method_names, method_spec
 
@@ -43,6 +44,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sym", action="store_true", help="symmetric quantization (no zero point)")
     g.add_argument("--modules-to-not-convert", nargs="+", metavar="NAME", help="modules kept in full precision")
     g.add_argument(
+        "--embeddings",
+        choices=EMBEDDING_FORMATS,
+        help="also quantize the input embedding and lm_head: int8 (one scale per row) or int4 (4-bit groups); a "
+        "tied lm_head shares the one packed tensor (default: both stay in the model's dtype)",
+    )
+    g.add_argument(
         "--dataset",
         help="calibration data (calibrated methods): a text file, 'wikitext2' or 'c4' "
         "(default: text sampled from the model itself)",
@@ -75,6 +82,7 @@ def config_from_args(method: str, args: argparse.Namespace, embedded: bool, leni
         "group_size": args.group_size,
         "sym": True if args.sym else None,
         "modules_to_not_convert": args.modules_to_not_convert,
+        "embeddings": getattr(args, "embeddings", None),
         "dataset": args.dataset,
         "num_samples": args.num_samples,
         "seq_len": args.seq_len,
@@ -86,6 +94,8 @@ def config_from_args(method: str, args: argparse.Namespace, embedded: bool, leni
         fields["group_size"] = EMBEDDED_GROUP_SIZE
     if lenient:
         unused = set(spec.forced_fields) | (set() if spec.needs_calibration else set(_CALIBRATION_FIELDS))
+        if spec.backend is not None:  # bitsandbytes' modules: hf_ptq does not quantize embeddings beside them
+            unused.add("embeddings")
         fields = {k: v for k, v in fields.items() if k not in unused}
     return PtqConfig(method=method, **{k: v for k, v in fields.items() if v is not None})
 

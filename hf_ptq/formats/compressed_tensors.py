@@ -6,6 +6,8 @@ little-endian stream, stored offset by 2^(bits-1)), `weight_scale` [out, groups]
 way along the output dimension (per-tensor: int8 [1], unpacked), `weight_shape`, and `weight_g_idx` for act-order;
 both dequantize `(q - zero_point) * scale`. So the export writes the same tensors and replaces `quantization_config`
 with compressed-tensors' schema: one config group targeting `Linear`, the full-precision Linears in `ignore`.
+Quantized embeddings and heads (`embeddings=`), which the schema has no place for, are written as their dequantized
+float matrices (the head in `ignore`); such a model's `save_pretrained` keeps hf_ptq's own config block.
 
 W8A8 models (`SmoothQuantConfig`) likewise hold compressed-tensors' `int-quantized` tensors (`weight` int8 [out, in],
 `weight_scale` [out, 1], `input_scale` [1] for static activation scales): their group has int8 symmetric channel
@@ -22,7 +24,15 @@ from torch import nn
 from ..nn import QuantLinear
 from .checkpoint import write_checkpoint
 from .export import export_format
-from .layers import float_linears, quantized_layers, refuse_float_zero_points, refuse_transposed, w8a8_layers
+from .layers import (
+    float_linears,
+    float_state_dict,
+    quantized_embeddings,
+    quantized_layers,
+    refuse_float_zero_points,
+    refuse_transposed,
+    w8a8_layers,
+)
 
 FORMAT = "compressed-tensors"
 PACKED = "pack-quantized"
@@ -139,6 +149,8 @@ def portable_block(model: nn.Module) -> dict[str, Any] | None:
     """config.json's `quantization_config` for `save_pretrained`: the compressed-tensors block that plain
     transformers (with compressed-tensors) and vLLM read, with hf_ptq's own config under `HF_PTQ_KEY` so that hf_ptq
     rebuilds exactly its model; None when compressed-tensors cannot express the model (`why_not_portable`)."""
+    if quantized_embeddings(model):
+        return None
     try:
         block = quantization_config(model)  # raises ValueError where `check` would (`why_not_portable`)
     except ValueError:
@@ -147,8 +159,15 @@ def portable_block(model: nn.Module) -> dict[str, Any] | None:
 
 
 def why_not_portable(model: nn.Module) -> str | None:
-    """Why compressed-tensors cannot hold `model` (float zero points, asymmetric act-order, GPT-2 Conv1D layers,
-    mixed schemes, another package's modules), or None when it can."""
+    """Why compressed-tensors cannot hold `model` (quantized embeddings, float zero points, asymmetric act-order,
+    GPT-2 Conv1D layers, mixed schemes, another package's modules), or None when it can."""
+    embeddings = quantized_embeddings(model)
+    if embeddings:
+        return (
+            f"export(format={FORMAT!r}): {embeddings[0]!r} holds a quantized embedding (embeddings="
+            f"{getattr(model.config.quantization_config, 'embeddings', None)!r}), which compressed-tensors has no "
+            "place for. export(format='compressed-tensors') writes it dequantized."
+        )
     try:
         check(model)
     except ValueError as err:
@@ -168,4 +187,4 @@ def check(model: nn.Module, tokenizer: Any = None) -> None:
     w8a8=True,
 )
 def write(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
-    write_checkpoint(model, folder, model.state_dict(), quantization_config(model))
+    write_checkpoint(model, folder, float_state_dict(model), quantization_config(model))

@@ -28,7 +28,7 @@ from . import gguf_kquants, gguf_types
 from .export import export_format
 from .gguf_tokenizer import check_vocabulary, vocabulary_kind, write_tokenizer
 from .gguf_types import EMBEDDING_TYPES, GGUF_TYPES, PRESETS, TYPE_BITS
-from .layers import quantized_layers, tied_output_embedding
+from .layers import float_state_dict, quantized_layers, tied_output_embedding, vocab_rows
 
 logger = logging.get_logger(__name__)
 
@@ -179,7 +179,7 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     tied = tied_output_embedding(model)
     skip = set(_output_keys(model)) if tied else set()
-    state = model.state_dict()
+    state = float_state_dict(model)  # quantized embeddings (`embeddings=`) dequantized: encoded from float
     tensors = []  # in the state dict's order, a quantized layer where its first tensor is (as llama.cpp writes them)
     placed = set()
     for key, value in state.items():
@@ -202,7 +202,7 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: 
             raise ValueError(f"export(format='gguf'): no GGUF tensor name for {key!r} (architecture {arch}).")
         type_name = _type_of(name, tuple(value.shape), None, gguf_type, tied, embeddings, cfg.num_hidden_layers)
         tensors.append(Tensor(key, name, type_name))
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = vocab_rows(model)
     vocabulary = vocabulary_kind(tokenizer)
     check_vocabulary(tokenizer, rows)
     return GgufPlan(arch, permute_qk, gguf_type, tensors, vocabulary)
@@ -228,7 +228,7 @@ def check(model: nn.Module, tokenizer: Any = None, gguf_type: str = "auto", embe
 def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto", embeddings: str = "preset") -> None:
     gguf = _gguf()
     p = plan(model, tokenizer, gguf_type, embeddings)
-    state = model.state_dict()
+    state = float_state_dict(model)  # quantized embeddings (`embeddings=`) dequantized: encoded from float
     encoded = []  # (tensor, data, how)
     for tensor in logging.tqdm(p.tensors, desc="gguf export", unit="tensor"):
         data, how = _encode(model, state, tensor)
@@ -243,7 +243,7 @@ def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto
         )
     writer = gguf.GGUFWriter(folder / p.file_name, p.arch)
     _write_metadata(writer, model, p, ways)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = vocab_rows(model)
     write_tokenizer(writer, tokenizer, rows, p.vocabulary, getattr(model.config, "pad_token_id", None))
     rope_factors = _llama3_rope_factors(model.config)
     if rope_factors is not None:
@@ -339,7 +339,7 @@ def _write_metadata(writer: Any, model: nn.Module, p: GgufPlan, ways: Counter) -
     writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
     writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
+    writer.add_vocab_size(vocab_rows(model))
     writer.add_rope_dimension_count(head_dim)
     if head_dim != cfg.hidden_size // heads:
         writer.add_key_length(head_dim)
@@ -358,7 +358,7 @@ def _write_metadata(writer: Any, model: nn.Module, p: GgufPlan, ways: Counter) -
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     qcfg = getattr(cfg, "quantization_config", None)
     settings = qcfg.to_dict() if hasattr(qcfg, "to_dict") else dict(qcfg or {})
-    for key in ("method", "bits", "group_size", "sym"):
+    for key in ("method", "bits", "group_size", "sym", "embeddings"):
         if settings.get(key) is not None:
             value = settings[key]
             add = writer.add_bool if isinstance(value, bool) else writer.add_int32 if isinstance(value, int) else None

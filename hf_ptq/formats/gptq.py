@@ -38,7 +38,7 @@ from ..core.quant import qrange
 from ..nn import QuantLinear
 from .checkpoint import write_checkpoint
 from .export import export_format
-from .layers import float_linears, quantized_layers, refuse_float_zero_points
+from .layers import float_linears, float_state_dict, quantized_layers, refuse_float_zero_points
 
 logger = logging.get_logger(__name__)
 
@@ -155,7 +155,8 @@ def check(model: nn.Module, tokenizer: Any = None, checkpoint_format: str = "gpt
 )
 def write(model: nn.Module, folder: Path, tokenizer: Any = None, checkpoint_format: str = "gptq") -> None:
     layers = dict(quantized_layers(model, FORMAT))
-    tensors = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers}
+    # quantized embeddings / heads (`embeddings=`) as their dequantized matrices: GPTQ checkpoints hold float ones
+    tensors = {k: v for k, v in float_state_dict(model).items() if k.rsplit(".", 1)[0] not in layers}
     clamped = 0
     for name, layer in logging.tqdm(layers.items(), desc="gptq export", unit="layer"):
         layer_tensors, n = gptq_tensors(layer, v1=checkpoint_format == "gptq")

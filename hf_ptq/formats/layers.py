@@ -1,12 +1,15 @@
 """Finding what an exporter writes: the quantized layers of a model (weight-only `QuantLinear`s, or W8A8 layers),
-and the Linears left in full precision."""
+the Linears left in full precision, and the model's tensors with quantized embeddings / heads (`embeddings=`) as
+the float matrices the export formats hold (`float_state_dict`)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..methods import method_names, method_spec
-from ..nn import QuantLinear, W8A8Linear
+from ..nn import EMBEDDING_MODULES, QuantLinear, QuantOutputHead, TiedQuantHead, W8A8Linear
+from ..nn.quant_embedding import PackedRows
 
 
 def weight_only_methods() -> list[str]:
@@ -68,11 +71,48 @@ def refuse_float_zero_points(layers: list[tuple[str, QuantLinear]], format_name:
 
 
 def float_linears(model: nn.Module) -> list[str]:
-    """Names of the `nn.Linear`s left in full precision (the output embedding, `modules_to_not_convert`)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)]
+    """Names of the Linears the exports write in full precision: the `nn.Linear`s left so (the output embedding,
+    `modules_to_not_convert`) and a quantized output head (`embeddings=`), which they write dequantized."""
+    heads = (nn.Linear, QuantOutputHead, TiedQuantHead)
+    return [n for n, m in model.named_modules() if isinstance(m, heads) and not isinstance(m, QuantLinear)]
 
 
 def tied_output_embedding(model: nn.Module) -> bool:
     """True when the output embedding shares the input embedding's weight (it is then written once)."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(out, TiedQuantHead):
+        return out.embedding is inp
+    if isinstance(out, EMBEDDING_MODULES) or isinstance(inp, EMBEDDING_MODULES):
+        return False
     return out is not None and inp is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def vocab_rows(model: nn.Module) -> int:
+    """Rows of the input embedding (the vocabulary size the model was built with)."""
+    inp = model.get_input_embeddings()
+    return inp.num_embeddings if hasattr(inp, "num_embeddings") else inp.weight.shape[0]
+
+
+def quantized_embeddings(model: nn.Module) -> list[str]:
+    """Names of the modules holding a quantized embedding or head (`embeddings="int8" | "int4"`)."""
+    return [n for n, m in model.named_modules() if isinstance(m, EMBEDDING_MODULES)]
+
+
+@torch.no_grad()
+def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with every quantized embedding / untied head (`embeddings=`) as the float `weight` the
+    formats without a place for them hold: its dequantized matrix in the model's dtype, where its first tensor was
+    (a tied head has none: the input embedding's weight stands for both, as in a float checkpoint)."""
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedRows)}
+    state = model.state_dict()
+    if not packed:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module_name, _, leaf = key.rpartition(".")
+        module = packed.get(module_name)
+        if module is None or not leaf.startswith("weight_"):
+            out[key] = value
+        elif f"{module_name}.weight" not in out:
+            out[f"{module_name}.weight"] = module.dequantized_weight(module.weight_scale.dtype)
+    return out

@@ -18,11 +18,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..nn import QuantLinear, W8A8Linear
+from ..nn import EMBEDDING_MODULES, QuantLinear, W8A8Linear
+from ..nn.quant_embedding import PackedRows, TiedQuantHead
 from .safetensors_file import CheckpointError, SafetensorsHeader
 from .third_party.shell import CheckpointLinear
 
-CHECKED_MODULES = (QuantLinear, W8A8Linear, CheckpointLinear)  # modules whose tensors the checkpoint must match
+# modules whose tensors the checkpoint must match
+CHECKED_MODULES = (QuantLinear, W8A8Linear, CheckpointLinear, *EMBEDDING_MODULES)
 
 QUANTIZED_TENSORS = (
     "weight_packed",
@@ -48,10 +50,33 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _explain_embedding(module: nn.Module, tensor: str, config: Any) -> str:
+    """Which config field says whether (and how) a quantized embedding / head has `tensor`."""
+    fmt = getattr(config, "embeddings", None)
+    if isinstance(module, TiedQuantHead):
+        if tensor == "bias":
+            return "the model's architecture (its config) says whether this layer has a bias"
+        return (
+            "the head is tied to the input embedding (config.json's tie_word_embeddings), whose packed tensors it "
+            "uses; a tied head has none of its own"
+        )
+    grid = "one scale per row" if module.group_size == -1 else f"one scale per {module.group_size} values of a row"
+    return {
+        "weight_packed": f"the config says embeddings={fmt!r} ({module.bits}-bit)",
+        "weight_scale": f"the config says embeddings={fmt!r}: {grid}",
+        "weight_zero_point": f"the config says embeddings={fmt!r} with sym={module.sym}",
+        "weight_shape": "the model's config gives this matrix's (vocab, hidden)",
+        "weight": f"the config says embeddings={fmt!r}: this matrix is stored packed",
+        "bias": "the model's architecture (its config) says whether this layer has a bias",
+    }.get(tensor, "hf_ptq's quantized embeddings hold no such tensor")
+
+
 def _explain(module: nn.Module, tensor: str, config: Any) -> str:
     """Which config field says whether (and how) `module` has `tensor`."""
     if isinstance(module, CheckpointLinear):
         return module.explain(tensor)
+    if isinstance(module, EMBEDDING_MODULES):
+        return _explain_embedding(module, tensor, config)
     if isinstance(module, W8A8Linear):
         if tensor == "input_scale":
             return f"the config says activations={config.activations!r}"
@@ -94,15 +119,34 @@ def check_layout(model: nn.Module, config: Any, headers: list[SafetensorsHeader]
     for prefix, module in modules.items():
         if isinstance(module, CHECKED_MODULES):
             problems += _module_problems(prefix, module, config, by_module[prefix], where, headers)
+    embeddings = _embedding_owners(model)
     for name, header in where.items():  # quantized tensors under a layer the config keeps in full precision
         prefix, _, tensor = name.rpartition(".")
         owner = modules.get(prefix)
         if tensor in QUANTIZED_TENSORS and owner is not None and not isinstance(owner, CHECKED_MODULES):
+            field = (
+                f"embeddings={getattr(config, 'embeddings', None)!r}"
+                if any(owner is e for e in embeddings)
+                else f"modules_to_not_convert={getattr(config, 'modules_to_not_convert', None)!r}"
+            )
             problems.append(
                 f"{name} in {header.path.name}: {prefix} is quantized in the checkpoint, but the config keeps it "
-                f"in full precision (modules_to_not_convert={getattr(config, 'modules_to_not_convert', None)!r})"
+                f"in full precision ({field})"
             )
     return problems
+
+
+def _embedding_owners(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and output head of `model` (those it has)."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            found.append(module)
+    return found
 
 
 def _module_problems(
@@ -153,6 +197,8 @@ def _value_tensors(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:
                 names.append("weight_g_idx")
         elif isinstance(module, W8A8Linear):
             names = ["weight_scale"] + (["input_scale"] if module.static else [])
+        elif isinstance(module, PackedRows):  # quantized embeddings / heads
+            names = ["weight_shape", "weight_scale"]
         else:
             continue
         yield from ((prefix, module, n) for n in names)

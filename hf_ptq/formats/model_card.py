@@ -21,6 +21,7 @@ This model was quantized with [hf_ptq](https://pypi.org/project/hf-ptq/): **{sum
 | bits | {bits} |
 | group size | {group_size} |
 | symmetric | {sym} |
+| embeddings and lm_head | {embeddings} |
 | layers kept in full precision | {skipped} |
 | base model | {base_model} |
 
@@ -101,6 +102,31 @@ def _portability(model) -> str:
     return _NOT_PORTABLE.format(why=reason)
 
 
+def _embeddings_text(model, format: str | None) -> str:
+    """The model card's line on the input embedding and the output head (`embeddings=`)."""
+    from ..nn import QuantEmbedding, TiedQuantHead
+
+    fmt = getattr(model.config.quantization_config, "embeddings", None)
+    emb = next((m for m in model.modules() if isinstance(m, QuantEmbedding)), None)
+    if not fmt or emb is None:
+        return "full precision (the model's dtype)"
+    grid = "one scale per row" if emb.group_size == -1 else f"groups of {emb.group_size}"
+    text = f"`{fmt}` ({emb.bits}-bit, {grid}, {'symmetric' if emb.sym else 'asymmetric'}, RTN)"
+    if isinstance(model.get_output_embeddings(), TiedQuantHead):
+        text += "; lm_head tied to the embedding: one packed tensor"
+    if format is not None:
+        text += f"; this {format} export holds them dequantized"
+    return text
+
+
+def _kept(model) -> set[str]:
+    """The modules left in full precision: the quantizer's skips, less a head that `embeddings=` quantized."""
+    from .layers import quantized_embeddings
+
+    skipped = set(getattr(model.hf_quantizer, "modules_to_not_convert", []) or [])
+    return skipped - set(quantized_embeddings(model))
+
+
 def _group_text(group_size: int) -> str:
     return {-1: "per-channel (-1)", 0: "per-tensor (0)"}.get(group_size, str(group_size))
 
@@ -127,8 +153,8 @@ def build_model_card(
         bits=cfg.bits,
         group_size=_group_text(cfg.group_size),
         sym=cfg.sym,
-        skipped=", ".join(f"`{m}`" for m in sorted(getattr(model.hf_quantizer, "modules_to_not_convert", []) or []))
-        or "none",
+        embeddings=_embeddings_text(model, format),
+        skipped=", ".join(f"`{m}`" for m in sorted(_kept(model))) or "none",
         base_model=base,
         how_to_load=_HOW_TO_LOAD[format].format(
             repo_id=repo_id, gguf_file=gguf_file, portability=_portability(model) if format is None else ""

@@ -1,4 +1,5 @@
-"""Entry point for calibrated methods: calibration batches (or samples from the model), then the block walk."""
+"""Entry point for calibrated methods: calibration batches (or samples from the model), then the block walk, then
+the embeddings (`embeddings=`: quantized last, so calibration runs with the float embedding and head)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..calibration.data import make_batches
 from ..calibration.self_generated import sample_from_model
+from ..nn.replace_embeddings import quantize_embeddings
 from .sequential import quantize_blocks
 
 logger = logging.getLogger("hf_ptq")
@@ -26,6 +28,8 @@ def calibrate_and_quantize(
             samples = sample_from_model(model, config.num_samples, config.seq_len)
             batches = make_batches(samples, config.batch_size)
         names = quantize_blocks(model, config, batches, skip)
+        if getattr(config, "embeddings", None):
+            names += quantize_embeddings(model, config)
     finally:
         model.train(was_training)
     logger.info("hf_ptq: quantized %d layers with %s", len(names), config.describe())

@@ -16,7 +16,9 @@ from ..formats.checksums import checksum_metadata
 from ..formats.verify import checksums_on_load, verify_checkpoint
 from ..methods import method_spec, require_package
 from ..nn import QUANTIZED_MODULES, QuantLinear, quantizable_linears, replace_linears
+from ..nn.quant_embedding import EMBEDDING_MODULES, PackedRows
 from ..nn.replace import check_group_size
+from ..nn.replace_embeddings import check_embedding_modules, embeddings_to_float, replace_embeddings, tied_on_load
 from ..pipeline import calibrate_and_quantize
 from ..pipeline.preflight import prepare_calibration, warn_unmatched_modules
 
@@ -68,7 +70,7 @@ class PtqHfQuantizer(HfQuantizer):
         if self.pre_quantized or self.calibrating:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantLinear) and tensor_name == "weight"
+        return isinstance(module, (QuantLinear, PackedRows)) and tensor_name == "weight"
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, dtype: torch.dtype | None = None, **kwargs):
         cfg = self.quantization_config
@@ -76,13 +78,22 @@ class PtqHfQuantizer(HfQuantizer):
             model, cfg.modules_to_not_convert, model._keep_in_fp32_modules, add_default_skips=True
         )
         self.non_finite = NonFiniteWeights()  # filled by quantize-on-load, raised after loading
+        embeddings = getattr(cfg, "embeddings", None)
         if self.calibrating:  # float weights load normally; check what can fail before reading them
             targets = list(quantizable_linears(model, self.modules_to_not_convert))
             check_group_size(targets, cfg.group_size)
+            if embeddings:  # quantized after calibration, which runs with the float embedding and head
+                check_embedding_modules(model, embeddings)
             self._batches = prepare_calibration(model, cfg)  # checked against the model; None: data-free
             names = [n for n, _ in targets]
         else:
             names = self._replace_modules(model, dtype or model.dtype)
+            if embeddings:
+                files = kwargs.get("checkpoint_files")
+                tied = tied_on_load(model, files, self.pre_quantized)
+                replace_embeddings(
+                    model, cfg, dtype or model.dtype, tied=tied, expect_float_weight=not self.pre_quantized
+                )
             if self.pre_quantized:
                 self._verify(model, kwargs.get("checkpoint_files"))
             else:
@@ -153,7 +164,10 @@ class PtqHfQuantizer(HfQuantizer):
         return QuantizeOnLoad(self)
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None):
-        """Replace every quantized module by an `nn.Linear` holding its dequantized weight."""
+        """Replace every quantized module by an `nn.Linear` holding its dequantized weight (quantized embeddings and
+        heads by `nn.Embedding` / `nn.Linear`, tied again where they were)."""
+        if any(isinstance(m, EMBEDDING_MODULES) for m in model.modules()):
+            embeddings_to_float(model)
         for name, module in list(model.named_modules()):
             if isinstance(module, QUANTIZED_MODULES):
                 weight = module.dequantized_weight(dtype or module.weight_scale.dtype)

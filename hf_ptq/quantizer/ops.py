@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from transformers.core_model_loading import ConversionOps
 
+from ..core.embeddings import pack_rows
 from ..core.page_release import release_file_pages, trim_heap
 from ..methods import method_spec
+from ..nn.quant_embedding import PackedRows
 
 
 class QuantizeOnLoad(ConversionOps):
@@ -32,8 +34,14 @@ class QuantizeOnLoad(ConversionOps):
             weight = weight.t()
         self.hf_quantizer.non_finite.check(weight, module_name)  # raised after loading: see core/finite.py
         config = self.hf_quantizer.quantization_config
-        qweight = method_spec(config.method).quantize_weight(weight, config)
-        packed = module.packed_tensors(qweight, module_name + ".")
+        if isinstance(module, PackedRows):  # the input embedding or an untied head: `embeddings=` (RTN rows)
+            qweight = None
+            packed = {
+                f"{module_name}.{k}": v for k, v in pack_rows(weight, module.scheme, module.weight_scale.dtype).items()
+            }
+        else:
+            qweight = method_spec(config.method).quantize_weight(weight, config)
+            packed = module.packed_tensors(qweight, module_name + ".")
         packed = {k: v.to(weight.device) for k, v in packed.items()}
         release_file_pages(weight)
         module._parameters.pop("weight", None)  # the meta placeholder that routed the float weight here
