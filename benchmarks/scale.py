@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "benchmarks"))  # bandwidth.py (benchmarks/ is not a package)
 
 GB = 1e9
 SANITY_POSITIONS = 16  # last positions of the sanity input whose logits are compared
@@ -165,8 +166,30 @@ def reload_worker(job: dict) -> dict:
     if job["new_tokens"]:
         prompt = torch.randint(0, vocab, (1, 16), generator=_gen(4))
         res["decode_tok_s"] = decode_tokens_per_s(model, prompt, job["new_tokens"], repeats=job["repeats"])
+        res["decode_bytes"] = decode_step_bytes(model)
     res["peak_in_use"] = high_water_rss_bytes()
     return res
+
+
+def decode_step_bytes(model) -> int:
+    """Bytes of the tensors one decode step reads: every parameter and buffer once, except an input embedding that
+    the output head does not share (a lookup reads one row of it). Kernel layouts copy the packed weights, so their
+    size is the packed tensors' (the copy is read instead of the original, not beside it)."""
+    from hf_ptq.nn import TiedQuantHead
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    float_in, float_out = inp._parameters.get("weight"), None if out is None else out._parameters.get("weight")
+    tied = isinstance(out, TiedQuantHead) or (
+        float_in is not None and float_out is not None and float_in.data_ptr() == float_out.data_ptr()
+    )
+    skip = set() if tied else {t.data_ptr() for t in inp.state_dict().values()}
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        ptr = tensor.data_ptr()
+        if ptr not in seen and ptr not in skip:
+            seen.add(ptr)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def layer_errors(model, float_folder: Path) -> dict[str, float]:
@@ -250,7 +273,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
     }
     for method in args.methods:
         print(f"[{name}] {method} ...", flush=True)
-        res: dict = {"bf16_size": checkpoint_bytes(folder), "params": params}
+        res: dict = {"bf16_size": checkpoint_bytes(folder), "params": params, "bandwidth": args.bandwidth}
         if method == "bf16":
             res |= spawn("reload", base | {"method": method, "folder": str(folder)}, args.timeout)
         else:
@@ -306,7 +329,7 @@ def table(name: str, rows: dict[str, dict]) -> str:
             f"| {_f(max(r['layer_rel_err'].values()) if r.get('layer_rel_err') else None, '.4f')} "
             f"| {_f(r.get('logit_rel_err'), '.3f')} | {_f(r.get('top1_agree'), '.2f')} |"
         )
-    lines += ["", *memory_ratios(rows), *phase_lines(rows)]
+    lines += ["", *memory_ratios(rows), *bandwidth_lines(rows), *phase_lines(rows)]
     return "\n".join(lines)
 
 
@@ -329,6 +352,20 @@ def memory_ratios(rows: dict[str, dict]) -> list[str]:
                 f"growth {(r['load_peak'] - r['rss_before']) / size:.2f}×"
             )
         out.append(text)
+    return out
+
+
+def bandwidth_lines(rows: dict[str, dict]) -> list[str]:
+    """Each decode row as the fraction of the machine's read bandwidth its bytes per token need."""
+    out = []
+    for method, r in rows.items():
+        if "decode_tok_s" not in r or not r.get("bandwidth"):
+            continue
+        rate = r["decode_tok_s"] * r["decode_bytes"]
+        out.append(
+            f"- {method} decode: {r['decode_bytes'] / GB:.2f} GB read per token x {r['decode_tok_s']:.1f} tok/s = "
+            f"{rate / 2**30:.1f} GiB/s, {rate / r['bandwidth']:.0%} of the measured {r['bandwidth'] / 2**30:.1f} GiB/s"
+        )
     return out
 
 
@@ -424,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             prefix="hf_ptq-scale-", dir=args.cache.parent if args.cache.exists() else None
         )
         args.work = Path(tmp.name)
+    args.bandwidth = None
+    if args.new_tokens and not args.no_reload:  # the decode rows' physical limit (benchmarks/bandwidth.py)
+        import torch
+        from bandwidth import read_bandwidth
+
+        args.bandwidth = read_bandwidth(torch.get_num_threads(), 1 << 30)
+        print(f"read bandwidth: {args.bandwidth / 2**30:.1f} GiB/s", flush=True)
     results = {name: run_model(name, args) for name in args.models}
     text = "\n\n".join(table(name, rows) for name, rows in results.items())
     print(text)

@@ -167,25 +167,19 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-# accelerate device map of the tiny Llama with its second block offloaded to disk
-LLAMA_BLOCK1_ON_DISK = {
-    "model.embed_tokens": "cpu",
-    "model.rotary_emb": "cpu",
-    "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.norm": "cpu",
-    "lm_head": "cpu",
-}
-
-
-def load_with_block1_on_disk(folder: Path, config) -> torch.nn.Module:
-    """The tiny fp32 Llama saved in `folder`, quantized with `config` while accelerate keeps block 1 on disk."""
+def load_with_blocks_on_disk(
+    folder: Path, config, on_disk: tuple[int, ...] = (1,), blocks: int = 2, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The Llama saved in `folder` (`blocks` decoder blocks), quantized with `config` while accelerate keeps the
+    blocks `on_disk` on disk (offload folder beside `folder`) and the rest on the CPU."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i in on_disk else "cpu" for i in range(blocks)}
     return transformers.AutoModelForCausalLM.from_pretrained(
         folder,
         quantization_config=config,
-        device_map=LLAMA_BLOCK1_ON_DISK,
+        device_map=device_map,
         offload_folder=str(folder.parent / "offload"),
-        dtype=torch.float32,
+        dtype=dtype,
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, VOCAB, assert_same_model, input_ids, load_with_block1_on_disk, model_output, rel_err
+from conftest import FAMILIES, VOCAB, assert_same_model, input_ids, load_with_blocks_on_disk, model_output, rel_err
 from transformers.pytorch_utils import Conv1D
 
 import hf_ptq
@@ -261,7 +261,7 @@ def test_awq_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = awq_config(compute_dtype="float32")
-    offloaded = load_with_block1_on_disk(tmp_path / "float", cfg)
+    offloaded = load_with_blocks_on_disk(tmp_path / "float", cfg)
     plain = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "float", quantization_config=cfg, dtype=torch.float32
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, input_ids, load_with_block1_on_disk, model_output, rel_err
+from conftest import FAMILIES, VOCAB, input_ids, load_with_blocks_on_disk, model_output, rel_err
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,7 +159,7 @@ def test_offloaded_blocks(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = gptq_config(compute_dtype="float32")
-    offloaded = load_with_block1_on_disk(tmp_path / "float", cfg)
+    offloaded = load_with_blocks_on_disk(tmp_path / "float", cfg)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, dtype=torch.float32)
     assert quant_names(offloaded) == quant_names(plain) == FAMILIES["llama"].expected_linears()
     for name in quant_names(plain):

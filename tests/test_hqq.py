@@ -164,3 +164,19 @@ def test_dequantize_gives_float_linears(tiny_llama_dir: Path) -> None:
     model.dequantize(dtype=torch.float32)
     dense = model.model.layers[0].mlp.down_proj
     assert type(dense) is torch.nn.Linear and torch.equal(dense.weight, expected)
+
+
+@pytest.mark.parametrize("rows", (1, 5))
+def test_float_zero_points_run_on_the_packed_kernel(rows: int) -> None:
+    """HQQ's float zero points become the packed kernel's fp32 centers (AVX512-BF16 CPUs)."""
+    from hf_ptq import kernels
+
+    if not kernels.packed_matmul_cpu_available():
+        pytest.skip("hf_ptq's packed kernel needs AVX512-BF16 and a C compiler")
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(5)) * 0.05
+    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=64))
+    layer = QuantLinear(256, 96, False, 4, 64, False, dtype=torch.bfloat16, float_zero_point=True)
+    layer.set_quantized(qw)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    assert layer._plan(x).matmul is kernels.packed_matmul_cpu
+    check_close(layer, x)

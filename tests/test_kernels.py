@@ -63,7 +63,10 @@ def bf16_bound(layer: QuantLinear, x: torch.Tensor, ref: torch.Tensor) -> torch.
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Count which matmul ran: the int4 kernel, the int8 kernel or the dequantize + dense fallback."""
+    """Count which matmul ran: torch's int4 kernel, its int8 kernel or the dequantize + dense fallback. hf_ptq's own
+    packed kernel (AVX512-BF16 CPUs) is switched off here, so that torch's kernels, which every other CPU runs, are
+    tested on every CPU; `packed_calls` tests it."""
+    monkeypatch.setattr(kernels, "packed_matmul_cpu_available", lambda: False)
     counter: Counter = Counter()
     for name in ("int4_cpu_matmul", "int8_matmul", "dense_matmul"):
         original = getattr(kernels, name)
@@ -171,6 +174,7 @@ def test_auto_compute_dtype(monkeypatch: pytest.MonkeyPatch, fast_bf16: bool, x_
     """auto on CPU: few rows run the packed kernel in bf16 on every CPU; many rows dequantize and multiply in bf16
     on CPUs with native bf16 and in fp32 on others. The output keeps the input dtype."""
     monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(kernels, "packed_matmul_cpu_available", lambda: False)  # torch's kernels, as in `calls`
     seen: list[tuple[str, torch.dtype]] = []
     for name in ("int4_cpu_matmul", "dense_matmul"):
         original = getattr(kernels, name)
@@ -429,3 +433,86 @@ def test_act_order_equals_natural_order_on_gathered_input(compute_dtype: str) ->
     y = act(x)
     assert torch.equal(y, natural(x[:, order].contiguous()))
     assert torch.equal(y, act.forward_reference(x).to(y.dtype))  # the exact sums, rounded once
+
+
+# --- hf_ptq's packed kernel (AVX512-BF16 CPUs) -------------------------------------------------------------------
+needs_packed_kernel = pytest.mark.skipif(
+    not kernels.packed_matmul_cpu_available(), reason="the packed kernel needs AVX512-BF16 and a C compiler"
+)
+
+
+@pytest.fixture
+def packed_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Count the packed kernel's calls beside torch's kernels and the dense path."""
+    counter: Counter = Counter()
+    for name in ("packed_matmul_cpu", "int4_cpu_matmul", "int8_matmul", "dense_matmul"):
+        original = getattr(kernels, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counter[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return counter
+
+
+@needs_packed_kernel
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym", "in_f"),
+    [
+        (4, 128, False, 256),
+        (4, 32, True, 256),
+        (4, 64, False, 384),
+        (4, 256, False, 512),
+        (4, -1, False, 256),
+        (4, 0, True, 128),
+        (8, -1, True, 192),
+        (8, 32, False, 128),
+        (8, 128, True, 256),
+    ],
+)
+@pytest.mark.parametrize("rows", (1, 3, 6))
+def test_packed_kernel_matches_reference(
+    packed_calls: Counter, bits: int, group_size: int, sym: bool, in_f: int, rows: int
+) -> None:
+    """Few bf16 rows run hf_ptq's packed kernel straight from `weight_packed` (every grouping it takes, 1 to 6 rows:
+    more than one pass over its 4 accumulated inputs) and match the fp32 reference within bf16 rounding."""
+    layer = make_layer(in_f=in_f, bits=bits, group_size=group_size, sym=sym, bias=True)
+    check_close(layer, activations(rows, in_f=in_f))
+    assert packed_calls == Counter(packed_matmul_cpu=1, dense_matmul=1)  # dense once: inside forward_reference
+
+
+@needs_packed_kernel
+def test_packed_kernel_keeps_no_copy_of_the_weights(packed_calls: Counter) -> None:
+    """The kernel reads the packed tensor itself: after a decode step the layer holds no second layout of its
+    codes (torch's kernels keep one as large as `weight_packed`), only fp32 qparams."""
+    layer = make_layer(in_f=256, bits=4, group_size=32)
+    layer(activations(1, in_f=256))
+    assert packed_calls["packed_matmul_cpu"] == 1
+    cached = [t for value in layer._kernel_cache.values() for t in value if isinstance(t, torch.Tensor)]
+    assert any(t.data_ptr() == layer.weight_packed.data_ptr() for t in cached)
+    distinct = {t.data_ptr(): t for t in cached if t.data_ptr() != layer.weight_packed.data_ptr()}
+    extra = sum(t.numel() * t.element_size() for t in distinct.values())  # the dense path's qparams are shared
+    assert extra <= layer.weight_scale.numel() * 8  # fp32 scale and center per group
+
+
+@needs_packed_kernel
+def test_packed_kernel_refuses_shapes_it_does_not_take() -> None:
+    """in_features not a multiple of the kernel's block, or groups it cannot split, fall back to torch's kernels."""
+    assert kernels.packed_matmul_group(96, 32, 4) is None  # 96 % 128
+    assert kernels.packed_matmul_group(256, 4, 4) is None  # a lane covers 8 codes at 4 bits
+    assert kernels.packed_matmul_group(256, 48, 8) is None  # neither a multiple nor a divisor of 64
+    assert kernels.packed_matmul_group(256, -1, 8) == 256 and kernels.packed_matmul_group(256, 16, 8) == 16
+    layer = make_layer(in_f=96, bits=4, group_size=32)
+    x = activations(1, in_f=96)
+    torch.testing.assert_close(layer(x).float(), layer.forward_reference(x), rtol=2e-2, atol=2e-2)
+
+
+@needs_packed_kernel
+def test_packed_kernel_can_be_switched_off(packed_calls: Counter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_PTQ_PACKED_KERNEL=0 gives torch's kernels back (for layers planned after it is set)."""
+    monkeypatch.setenv(kernels.PACKED_KERNEL_ENV, "0")
+    layer4, layer8 = make_layer(in_f=256, bits=4), make_layer(in_f=256, bits=8, group_size=-1, sym=True)
+    check_close(layer4, activations(1, in_f=256))
+    check_close(layer8, activations(1, in_f=256))
+    assert packed_calls == Counter(int4_cpu_matmul=1, int8_matmul=1, dense_matmul=2)

@@ -142,12 +142,20 @@ def _count_calls(monkeypatch, name: str) -> list[int]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tied", [True, False])
-def test_head_matches_the_fp32_reference_on_kernel_and_dense_paths(fmt, tied, monkeypatch):
+@pytest.mark.parametrize("own_kernel", [False, True])
+def test_head_matches_the_fp32_reference_on_kernel_and_dense_paths(fmt, tied, own_kernel, monkeypatch):
+    """The head on torch's kernels (every CPU), on hf_ptq's packed kernel (AVX512-BF16) and on the dense path."""
+    if own_kernel and not kernels.packed_matmul_cpu_available():
+        pytest.skip("hf_ptq's packed kernel needs AVX512-BF16 and a C compiler")
+    if not own_kernel:
+        monkeypatch.setattr(kernels, "packed_matmul_cpu_available", lambda: False)
     head = hf_ptq.quantize(llama(tied), cfg(fmt)).lm_head
     assert isinstance(head, TiedQuantHead if tied else QuantOutputHead)
     packed = head.embedding if tied else head
+    if own_kernel and kernels.packed_matmul_group(packed.in_features, packed.group_size, packed.bits) is None:
+        pytest.skip("4-bit rows of 64 values do not fill the packed kernel's 128-value block (see the next test)")
     reference_weight = packed.dequantized_weight(torch.float32)
-    kernel = "int8_matmul" if fmt == "int8" else "int4_cpu_matmul"
+    kernel = "packed_matmul_cpu" if own_kernel else "int8_matmul" if fmt == "int8" else "int4_cpu_matmul"
     x = torch.randn(3, 5, HIDDEN, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     expected = x.float() @ reference_weight.t()
     assert torch.allclose(packed.matmul_reference(x), expected, rtol=1e-5, atol=1e-5)
@@ -167,6 +175,23 @@ def test_head_matches_the_fp32_reference_on_kernel_and_dense_paths(fmt, tied, mo
     dense = head(x)
     assert calls == [2, 15] and rel_err(dense, expected) < 1e-2
     assert torch.allclose(head(x.float()), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_wide_head_runs_the_packed_kernel(fmt, monkeypatch):
+    """A head of 256-value rows (int4: groups of 64 asymmetric, with zero points packed along the vocabulary) on
+    hf_ptq's packed kernel matches the fp32 reference."""
+    if not kernels.packed_matmul_cpu_available():
+        pytest.skip("hf_ptq's packed kernel needs AVX512-BF16 and a C compiler")
+    scheme = embedding_scheme(fmt, 256, 64, False)
+    head = QuantOutputHead(256, 300, False, scheme)
+    weight = torch.randn(300, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 0.05
+    head.set_packed(pack_rows(weight, scheme, torch.bfloat16))
+    calls = _count_calls(monkeypatch, "packed_matmul_cpu")
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    y = head(x)
+    assert calls == [3] and y.dtype == torch.bfloat16
+    assert rel_err(y, head.matmul_reference(x)) < 4e-3
 
 
 # --- tied and untied models ----------------------------------------------------------------------------------------

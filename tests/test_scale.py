@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_with_blocks_on_disk
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -152,15 +153,7 @@ def test_gptq_with_half_the_blocks_on_disk_gives_the_same_weights(tmp_path: Path
     def gptq():
         return hf_ptq.PtqConfig(method="gptq", bits=4, group_size=64, dataset=ids, batch_size=2)
 
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    device_map |= {f"model.layers.{i}": "cpu" if i < 2 else "disk" for i in range(4)}
-    offloaded = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=torch.bfloat16,
-        quantization_config=gptq(),
-        device_map=device_map,
-        offload_folder=str(tmp_path / "offload"),
-    )
+    offloaded = load_with_blocks_on_disk(folder, gptq(), on_disk=(2, 3), blocks=4, dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=gptq())
     a, b = _quantized_state(offloaded), _quantized_state(plain)
     assert len(a) == len(b) and set(a) == set(b)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, input_ids, load_with_block1_on_disk, model_output, rel_err
+from conftest import FAMILIES, VOCAB, input_ids, load_with_blocks_on_disk, model_output, rel_err
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -426,7 +426,7 @@ def test_offloaded_block_matches_in_memory(tmp_path: Path) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32)
     model.save_pretrained(tmp_path / "float")
     cfg = sq_config(activations="static")
-    offloaded = load_with_block1_on_disk(tmp_path / "float", cfg)
+    offloaded = load_with_blocks_on_disk(tmp_path / "float", cfg)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, dtype=torch.float32)
     layer = offloaded.model.layers[1].mlp.down_proj
     assert isinstance(layer, W8A8Linear) and layer.weight.device.type == "cpu"

@@ -223,3 +223,74 @@ def _dense_weight_function(bits: int, dtype: torch.dtype):
     fn.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, p, p, ctypes.c_int]
     fn.restype = None
     return fn
+
+
+# --- products of a few rows with packed codes on CPU (decode) ----------------------------------------------------
+# HF_PTQ_PACKED_KERNEL=0: decode with torch's int4 / int8 kernels instead (read on every plan, so tests can switch it).
+# They decode about 1.1x faster here (benchmarks/decode_kernels.py) but keep a second copy of every layer's codes.
+PACKED_KERNEL_ENV = "HF_PTQ_PACKED_KERNEL"
+
+
+def packed_matmul_cpu_available() -> bool:
+    """Whether `packed_matmul_cpu` runs here: the C kernels are on, `HF_PTQ_PACKED_KERNEL` is not 0 and the CPU has
+    AVX512-BF16."""
+    if os.environ.get(PACKED_KERNEL_ENV, "1") == "0":
+        return False
+    lib = native.load("packed_matmul_cpu.c") if native.enabled() else None
+    return lib is not None and _packed_matmul_supported(lib)
+
+
+@functools.cache
+def _packed_matmul_supported(lib) -> bool:
+    lib.packed_matmul_supported.restype = ctypes.c_int
+    return bool(lib.packed_matmul_supported())
+
+
+def packed_matmul_group(in_features: int, group_size: int, bits: int) -> int | None:
+    """Input channels per scale `packed_matmul_cpu` runs a layer with (per-channel / per-tensor: the whole row), or
+    None for shapes it does not take: in_features a multiple of its block (128 codes at 4 bits, 64 at 8), groups a
+    multiple of the block or a divisor of it of at least 8 (4-bit) / 4 (8-bit) codes."""
+    block = 128 if bits == 4 else 64
+    members = in_features if group_size <= 0 else group_size
+    fits = members % block == 0 if members >= block else block % members == 0 and members >= block // 16
+    return members if bits in (4, 8) and in_features % block == 0 and in_features % members == 0 and fits else None
+
+
+def packed_matmul_cpu(
+    x: torch.Tensor, packed: torch.Tensor, bits: int, scale: torch.Tensor, center: torch.Tensor, group_members: int
+) -> torch.Tensor:
+    """x [rows, in] bf16 (contiguous) @ w^T -> [rows, out] bf16, with w = (u - center) * scale read from `packed`
+    (int32 [out, words] holding the unsigned 4- or 8-bit codes u) in one pass (`packed_matmul_cpu.c`): fp32
+    accumulation, one rounding. scale, center: fp32 [out or 1, groups], contiguous. Callers check
+    `packed_matmul_cpu_available()` and `packed_matmul_group` first; fp32 [rows, out] comes back as bf16."""
+    fn = _packed_matmul_function(bits)
+    rows, in_features = x.shape
+    out_features = packed.shape[0]
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    status = fn(
+        packed.data_ptr(),
+        packed.shape[1] * 4,
+        out_features,
+        in_features,
+        scale.data_ptr(),
+        center.data_ptr(),
+        scale.shape[1] if scale.shape[0] > 1 else 0,
+        group_members,
+        x.data_ptr(),
+        rows,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"packed_matmul_cpu: status {status} for {out_features}x{in_features}, {bits}-bit")
+    return out
+
+
+@functools.cache
+def _packed_matmul_function(bits: int):
+    lib = native.load("packed_matmul_cpu.c")
+    fn = getattr(lib, f"packed_matmul_{bits}")
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, i64, p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn

@@ -125,18 +125,23 @@ def inverse_hessian_factor(
             "calibration activations reaching this layer are not finite (a NaN/inf weight before it, or a float16 "
             "overflow: load the model in bfloat16 or float32)."
         )
-    n = hessian.shape[0]
     with cpu_threads(threads):
         mean_diag = hessian.diagonal().mean().item()
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
     damps = damping_schedule(damp_percent)
+    # At most three n x n matrices at a time beside H (each 256 MB for a 8192-wide down_proj): each intermediate is
+    # dropped as soon as the next exists. `H + λ` on the diagonal gives the bits of `H + λI`.
     for damp in damps:
-        damped = hessian + (damp * mean_diag) * eye
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean_diag)
         with cpu_threads(threads):
             lower, info = torch.linalg.cholesky_ex(damped)
+            del damped
             factorized = info.item() == 0
             if factorized:
-                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+                inverse = torch.cholesky_inverse(lower)
+                del lower
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
         if factorized and info.item() == 0:
             if damp != damp_percent:
                 logger.warning(

@@ -13,8 +13,8 @@ Modules:
 - `TiedQuantHead`: the head of a model that ties it to the input embedding (`tie_word_embeddings`), as llama.cpp's
   `token_embd` serves both: it holds no tensor (the embedding is not its submodule), so the state dict, the
   checkpoint and the memory footprint have the packed matrix once, and it multiplies by the embedding's tensors.
-The head's matmul is chosen per call as `QuantLinear`'s is (see `hf_ptq.kernels`): the packed int4 CPU kernel or the
-int8 weight-only kernel for few rows with bf16 activations, else the dense path, which dequantizes
+The head's matmul is chosen per call as `QuantLinear`'s is (see `hf_ptq.kernels`): hf_ptq's packed CPU kernel, or
+torch's int4 / int8 weight-only kernels, for few rows with bf16 activations, else the dense path, which dequantizes
 `DENSE_CHUNK_ELEMENTS` values of the matrix at a time (never the whole vocabulary matrix in fp32).
 """
 
@@ -181,6 +181,9 @@ class PackedRows(nn.Module):
         dense_only = _Plan(None, "", None, 0, dense_dtype)
         if kernel_dtype != torch.bfloat16 or max_rows <= 0:
             return dense_only
+        members = kernels.packed_matmul_group(self.in_features, self.group_size, self.bits)
+        if device.type == "cpu" and members is not None and kernels.packed_matmul_cpu_available():
+            return _Plan(kernels.packed_matmul_cpu, "packed_cpu", PackedRows._build_packed_cpu, max_rows, dense_dtype)
         if device.type == "cpu" and self.bits == 4:
             if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
                 return dense_only
@@ -194,6 +197,17 @@ class PackedRows(nn.Module):
         if key not in self._kernel_cache:
             self._kernel_cache[key] = build(self)
         return self._kernel_cache[key]
+
+    def _build_packed_cpu(self) -> tuple:
+        """Arguments of `kernels.packed_matmul_cpu` after x: the packed codes (no copy), fp32 scales and centers
+        `2^(b-1) + zero_point` [rows, groups]."""
+        scale = self.weight_scale.float().contiguous()
+        center = torch.full_like(scale, float(1 << (self.bits - 1)))
+        if self.weight_zero_point is not None:
+            rows = torch.arange(self.out_features, device=scale.device)
+            center += self._row_zero_points(rows).float()
+        members = kernels.packed_matmul_group(self.in_features, self.group_size, self.bits)
+        return self.weight_packed, self.bits, scale, center.contiguous(), members
 
     def _build_int4_cpu(self) -> tuple:
         qw = self.quantized_weight()

@@ -212,6 +212,9 @@ class QuantLinear(nn.Module):
         dense_only = KernelPlan(None, "", None, 0, dense_dtype)
         if kernel_dtype != torch.bfloat16 or max_rows <= 0:
             return dense_only
+        if device.type == "cpu" and self._packed_kernel_fits():
+            build = QuantLinear._build_packed_cpu
+            return KernelPlan(kernels.packed_matmul_cpu, "packed_cpu", build, max_rows, dense_dtype)
         if device.type == "cpu" and self.bits == 4:
             if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
                 return dense_only
@@ -307,6 +310,24 @@ class QuantLinear(nn.Module):
             )
             g_idx = g_idx.to(torch.int32).contiguous() if fits else False
         return scale, center, g_idx
+
+    def _packed_kernel_fits(self) -> bool:
+        """Whether `kernels.packed_matmul_cpu` runs this layer: 4- or 8-bit codes in natural order, groups of a
+        shape it takes (`packed_matmul_group`), and a CPU with AVX512-BF16."""
+        return (
+            self.bits in (4, 8)
+            and self.weight_g_idx is None
+            and kernels.packed_matmul_group(self.in_features, self.group_size, self.bits) is not None
+            and kernels.packed_matmul_cpu_available()
+        )
+
+    def _build_packed_cpu(self):
+        """Arguments of `kernels.packed_matmul_cpu` after x: the packed codes themselves (no copy) and the fp32
+        qparams the dense path caches (the same tensors)."""
+        scale, center, _ = self._cached("dense", self.weight_packed.device, QuantLinear._dense_qparams)
+        rows = scale.shape[0]
+        members = kernels.packed_matmul_group(self.in_features, self.group_size, self.bits)
+        return self.weight_packed, self.bits, scale.reshape(rows, -1), center.reshape(rows, -1), members
 
     def _build_int4_cpu(self):
         qw = self.quantized_weight()
