@@ -67,8 +67,13 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
     packed kernel (AVX512-BF16 CPUs) is switched off here, so that torch's kernels, which every other CPU runs, are
     tested on every CPU; `packed_calls` tests it."""
     monkeypatch.setattr(kernels, "packed_matmul_cpu_available", lambda: False)
+    return count_kernel_calls(monkeypatch, ("int4_cpu_matmul", "int8_matmul", "dense_matmul"))
+
+
+def count_kernel_calls(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> Counter:
+    """A Counter of the calls of each `hf_ptq.kernels` function in `names`, which still run."""
     counter: Counter = Counter()
-    for name in ("int4_cpu_matmul", "int8_matmul", "dense_matmul"):
+    for name in names:
         original = getattr(kernels, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
@@ -444,16 +449,7 @@ needs_packed_kernel = pytest.mark.skipif(
 @pytest.fixture
 def packed_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Count the packed kernel's calls beside torch's kernels and the dense path."""
-    counter: Counter = Counter()
-    for name in ("packed_matmul_cpu", "int4_cpu_matmul", "int8_matmul", "dense_matmul"):
-        original = getattr(kernels, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            counter[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, spy)
-    return counter
+    return count_kernel_calls(monkeypatch, ("packed_matmul_cpu", "int4_cpu_matmul", "int8_matmul", "dense_matmul"))
 
 
 @needs_packed_kernel

@@ -30,6 +30,7 @@ from .. import kernels
 from ..core.embeddings import EmbeddingScheme
 from ..core.packing import packed_width, unpack_int32, unpack_unsigned_bytes
 from ..core.quant import QuantizedWeight, dequantize
+from .quant_linear import DequantizedWeightAttribute
 
 DENSE_CHUNK_ELEMENTS = 1 << 22  # values of the matrix the dense path dequantizes at a time (16 MB in fp32)
 
@@ -42,7 +43,7 @@ class _Plan(NamedTuple):
     dense_dtype: torch.dtype
 
 
-class PackedRows(nn.Module):
+class PackedRows(DequantizedWeightAttribute):
     """A [rows, cols] matrix stored packed as above, with lookups of rows and products with inputs of cols values."""
 
     transposed_source = False  # for quantize-on-load, which reads this attribute of every target module
@@ -137,19 +138,6 @@ class PackedRows(nn.Module):
         """The whole matrix [rows, cols] in `dtype` (default: the scale's), as `core.quant.dequantize` gives it."""
         qw = self.quantized_weight()
         return dequantize(qw.q, qw.scale, qw.zero_point, self.group_size, None, dtype or self.weight_scale.dtype)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name != "weight" or "weight_packed" not in self._buffers or self.weight_packed.is_meta:
-                raise
-        # Code written for nn.Embedding / nn.Linear reads `.weight`: answer with the dequantized matrix, a new tensor
-        # (writing to it changes nothing), as QuantLinear does. Not on meta: `weight` is then free for the
-        # placeholder that routes the float weight to quantize-on-load.
-        weight = self.dequantized_weight()
-        weight._is_hf_initialized = True
-        return weight
 
     # --- products with the matrix (the output head) ----------------------------------------------------------
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,7 +36,25 @@ class KernelPlan(NamedTuple):
     dense_dtype: torch.dtype  # compute dtype of the dequantize path
 
 
-class QuantLinear(nn.Module):
+class DequantizedWeightAttribute(nn.Module):
+    """`.weight` of a module holding `weight_packed`: the dequantized weight [out, in], a new tensor each time."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight" or "weight_packed" not in self._buffers or self.weight_packed.is_meta:
+                raise
+        # Code written for nn.Linear / nn.Embedding reads `.weight`: GPT-2's `_init_weights` touches `c_proj.weight`
+        # of every block on each `from_pretrained`. Answer with the dequantized weight, a new tensor (writing to it
+        # changes nothing), marked initialized so transformers' init functions leave it alone. Not while the
+        # buffers are still on meta: then `weight` must stay free for the placeholder of quantize-on-load.
+        weight = self.dequantized_weight()
+        weight._is_hf_initialized = True
+        return weight
+
+
+class QuantLinear(DequantizedWeightAttribute):
     """Weight-only quantized replacement for `nn.Linear` (and GPT-2's transposed `Conv1D`)."""
 
     transposed_source = False  # True when the float weight it replaces is stored [in, out] (GPT-2 Conv1D)
@@ -161,20 +179,6 @@ class QuantLinear(nn.Module):
         """The weight [out, in] the packed data stands for, in `dtype` (default: the scale's dtype)."""
         qw = self.quantized_weight()
         return dequantize(qw.q, qw.scale, qw.zero_point, self.group_size, qw.g_idx, dtype or self.weight_scale.dtype)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name != "weight" or "weight_packed" not in self._buffers or self.weight_packed.is_meta:
-                raise
-        # Code written for nn.Linear reads `.weight`: GPT-2's `_init_weights` touches `c_proj.weight` of every block
-        # on each `from_pretrained`. Answer with the dequantized weight [out, in], a new tensor (writing to it
-        # changes nothing), marked initialized so transformers' init functions leave it alone. Not while the
-        # buffers are still on meta: then `weight` must stay free for the placeholder of quantize-on-load.
-        weight = self.dequantized_weight()
-        weight._is_hf_initialized = True
-        return weight
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
