@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mmap
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from hf_ptq.evaluation.speed import best_seconds
 
 GIB = 1 << 30
 
@@ -83,23 +84,13 @@ def numpy_readers(buf: torch.Tensor, threads: int) -> dict[str, Callable[[], obj
     return {"numpy add.reduce fp32": split(np.add.reduce, f32_parts), "numpy max uint8": split(np.max, u8_parts)}
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: thread start-up, first touch of the reader's code
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(threads: int, buf: torch.Tensor, repeats: int, numpy_too: bool = True) -> dict[str, float]:
     """Bytes/s of each reader over `buf` with `threads` threads."""
     readers = dict(torch_readers(buf))
     if numpy_too:
         readers.update(numpy_readers(buf, threads))
     with torch_threads(threads):
-        return {name: buf.numel() / best_time(fn, repeats) for name, fn in readers.items()}
+        return {name: buf.numel() / best_seconds(fn, repeats, warmup=1) for name, fn in readers.items()}
 
 
 def read_bandwidth(threads: int, size_bytes: int = GIB, repeats: int = 5, huge_pages: bool = False) -> float:

@@ -112,6 +112,7 @@ def instrument(phases: Phases) -> None:
     w(quant_linear.QuantLinear, "_build_dense_weight", "dense weight of quantized layers")
     w(quant_linear.QuantLinear, "_dense_qparams", "kernel/layout builds")
     w(quant_linear.QuantLinear, "_build_int4_cpu", "kernel/layout builds")
+    w(quant_linear.QuantLinear, "_build_packed_cpu", "kernel/layout builds")
     w(quant_linear.QuantLinear, "_build_int4_cpu_reordered", "kernel/layout builds")
     w(quant_linear.QuantLinear, "_plan", "kernel/layout builds")
     w(sequential, "release_file_pages", "page release")

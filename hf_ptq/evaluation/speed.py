@@ -15,7 +15,8 @@ import torch
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Shortest wall time of `repeats` calls of `fn`, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     best = float("inf")
@@ -31,7 +32,7 @@ def prefill_tokens_per_s(model: torch.nn.Module, input_ids: torch.Tensor, repeat
     """Tokens/s of one forward over `input_ids` [batch, seq] as `generate` runs it (KV cache, last logits only)."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
-    seconds = _best_seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats, warmup)
+    seconds = best_seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats, warmup)
     return ids.numel() / seconds
 
 
@@ -51,7 +52,7 @@ def decode_tokens_per_s(
     }
     for _ in range(warmup):  # a short generation warms the same code paths
         model.generate(ids, **(kwargs | {"max_new_tokens": min(new_tokens, 8), "min_new_tokens": min(new_tokens, 8)}))
-    seconds = _best_seconds(lambda: model.generate(ids, **kwargs), repeats, 0)
+    seconds = best_seconds(lambda: model.generate(ids, **kwargs), repeats, 0)
     return new_tokens / seconds
 
 

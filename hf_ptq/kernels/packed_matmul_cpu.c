@@ -21,7 +21,7 @@
 #include <string.h>
 
 #define PREFETCH_BYTES 2048 /* how far ahead in the weight rows the decode loop asks for the codes */
-#define X_ROWS_PER_PASS 4 /* input rows multiplied per pass over a weight row (their accumulators stay in registers) */
+#define X_ROWS_PER_PASS 4 /* input rows multiplied per pass over a weight row (codes unpacked once for them) */
 
 int packed_matmul_supported(void) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
