@@ -532,7 +532,7 @@ def machine_line(results: dict[str, dict], args: argparse.Namespace) -> str:
     import torch
 
     threads = next((r["threads"] for r in results.values() if "threads" in r), torch.get_num_threads())
-    from hf_ptq.kernels import cpu_has_fast_bf16
+    from hf_ptq.core.cpu import cpu_has_fast_bf16
 
     return (
         f"{_cpu_model() or platform.machine()}, {os.cpu_count()} CPUs, native bf16: "

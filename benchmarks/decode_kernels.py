@@ -82,7 +82,7 @@ def main() -> None:
     from bandwidth import read_bandwidth
     from scale import build_checkpoint
 
-    from hf_ptq.default_model import cache_root
+    from hf_ptq.folders.cache import cache_root
 
     if not kernels.packed_matmul_cpu_available():
         raise SystemExit("hf_ptq's packed kernel does not run here (it needs AVX512-BF16 and a C compiler)")

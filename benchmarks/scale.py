@@ -416,7 +416,7 @@ def plot_growth(files: list[Path], png: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from hf_ptq.default_model import cache_root
+    from hf_ptq.folders.cache import cache_root
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="llama-3.2-1b", help="comma-separated names of hf_ptq.evaluation.synthetic")

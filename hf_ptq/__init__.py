@@ -6,6 +6,11 @@
 `from_pretrained(saved_dir)` reloads the packed checkpoint.
 """
 
+# ruff: noqa: E402  (the imports below follow answer_early on purpose)
+from .cli import answer_early
+
+answer_early()  # in an `hf-ptq` process only: help and usage errors answered before transformers loads (8 s)
+
 from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
 from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
@@ -20,8 +25,7 @@ from .quantizer.backends import use_backend
 from .registration import register, take_over
 from .smoothquant_config import QUANT_METHOD as SMOOTHQUANT_METHOD
 from .smoothquant_config import SmoothQuantConfig
-
-__version__ = "0.1.0"
+from .version import __version__
 
 register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
 register(SMOOTHQUANT_METHOD, SmoothQuantConfig, SmoothQuantHfQuantizer)

@@ -1,7 +1,8 @@
 """`method="auto"`: the decision tree that picks a quantization method from what the user has and wants.
 
-A pure function of its inputs (no torch, no I/O), so the whole tree is tested directly; `PtqConfig` calls it once at
-construction, logs the choice with its reason and records both in the saved config. The tree, in order:
+A pure function of its inputs (`AutoInputs`; no torch, no I/O), so the whole tree is tested directly; `PtqConfig`
+calls it once at construction, logs the choice with its reason and records both in the saved config. The tree, in
+order:
 
 1. fine-tuning wanted                  -> `nf4` (QLoRA: LoRA adapters train on bitsandbytes' 4-bit weights)
 2. deploying on CPU                    -> `int8` (torch's int8 weight-only kernel, near-lossless; W8A8: SmoothQuant)
@@ -14,8 +15,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .core.options import Options, is_bool, option
+
 PREFERENCES = ("accuracy", "latency")
 DEPLOY_TARGETS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class AutoInputs(Options):
+    """What `PtqConfig(method="auto")` is told (besides whether calibration data is given)."""
+
+    finetune: bool = option(False, is_bool, "True or False", "the quantized model will be fine-tuned (LoRA)")
+    prefer: str = option(
+        "accuracy",
+        lambda v: v in PREFERENCES,
+        "one of " + ", ".join(map(repr, PREFERENCES)),
+        "what matters more: accuracy, or latency (GPTQ or AWQ when there is data)",
+    )
+    deploy: str | None = option(
+        None,
+        lambda v: v is None or v in DEPLOY_TARGETS,
+        "None or one of " + ", ".join(map(repr, DEPLOY_TARGETS)),
+        "where the model will run: cpu, gpu or None (unknown)",
+    )
 
 
 @dataclass(frozen=True)

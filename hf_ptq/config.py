@@ -14,76 +14,47 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .auto_method import DEPLOY_TARGETS, PREFERENCES, choose_method
-from .config_base import HfPtqConfig, check_embeddings
-from .methods import method_names, method_spec
+from .auto_method import AutoInputs, choose_method
+from .config_base import HfPtqConfig, check_embeddings, name_keyword_options
+from .core.options import InvalidOption, option_names
+from .core.scheme import WeightScheme
+from .methods import MethodSpec, method_names, method_spec
 from .methods.gptq import stores_g_idx
+from .methods.options import SequentialOptions
 
 logger = logging.get_logger("hf_ptq")
 
 QUANT_METHOD = "hf_ptq"
 AUTO = "auto"
-
-_ALLOWED_BITS = (2, 3, 4, 8)
-# AWQ's scale search scores grid + 1 candidates per group of Linears, each one [out, in] x [in, in] product: 100 (α in
-# steps of 0.01, 5x the default 20) is already finer than the output error can tell apart; larger grids only add time
-# (10**6 would run for days).
-MAX_AWQ_GRID = 100
+OWNER = "PtqConfig"
 _COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-_DEFAULTS = {"bits": 4, "group_size": 128, "sym": False}
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-# Method-specific fields: default, check, allowed values. `None` means "not set"; a method that does not list the
-# field in its `MethodSpec.fields` rejects any other value.
-_METHOD_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "desc_act": (True, _is_bool, "True or False"),
-    "static_groups": (False, _is_bool, "True or False"),
-    "true_sequential": (True, _is_bool, "True or False"),
-    "damp_percent": (
-        0.01,
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
-        "a number in (0, 1], e.g. 0.01",
-    ),
-    "block_size": (128, _is_positive_int, "a positive integer (columns per lazy GPTQ update, e.g. 128)"),
-    "clip": (True, _is_bool, "True or False"),
-    "full_range": (False, _is_bool, "True or False"),
-    "duo_scaling": (True, _is_bool, "True or False"),
-    "grid": (
-        20,
-        lambda v: _is_positive_int(v) and v <= MAX_AWQ_GRID,
-        f"an integer from 1 to {MAX_AWQ_GRID} (AWQ scale candidates, default 20; each costs one product per group)",
-    ),
-    "double_quant": (False, _is_bool, "True or False"),
-    "outlier_threshold": (
-        6.0,
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-        "a positive number (input features with a larger magnitude are multiplied in 16-bit; default 6.0)",
-    ),
-}
-
-# Inputs of `method="auto"` (see `hf_ptq.auto_method`): default, check, allowed values. Consumed when the method is
-# chosen, then recorded in `auto_choice`; any other method rejects them.
-_AUTO_FIELDS: dict[str, tuple[Any, Any, str]] = {
-    "finetune": (False, _is_bool, "True or False"),
-    "prefer": ("accuracy", lambda v: v in PREFERENCES, "one of " + ", ".join(map(repr, PREFERENCES))),
-    "deploy": (
-        None,
-        lambda v: v is None or v in DEPLOY_TARGETS,
-        "None or one of " + ", ".join(map(repr, DEPLOY_TARGETS)),
-    ),
-}
+_SCHEME_FIELDS = ("bits", "group_size", "sym")  # named arguments; full_range comes as an option (rtn, gptq, awq)
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"PtqConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
+    return InvalidOption(field, value, allowed).owned_by(OWNER)
+
+
+def _accepted_options(spec: MethodSpec) -> tuple[str, ...]:
+    """The keyword options `method` takes besides the named arguments: its own, the walk's, full_range."""
+    names = list(spec.fields)
+    if spec.needs_calibration:
+        names += option_names(SequentialOptions)
+    if spec.full_range:
+        names.append("full_range")
+    return tuple(names)
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Every keyword option of `PtqConfig` -> the methods that take it (`"auto"` for its inputs), in declaration
+    order."""
+    owners: dict[str, list[str]] = {}
+    for name in method_names():
+        for option in _accepted_options(method_spec(name)):
+            owners.setdefault(option, []).append(name)
+    for option in option_names(AutoInputs):
+        owners[option] = [AUTO]
+    return owners
 
 
 class PtqConfig(HfPtqConfig):
@@ -112,10 +83,15 @@ class PtqConfig(HfPtqConfig):
             config). Quantized with RTN whatever the method (calibrated methods quantize them after calibration); a
             tied head shares the embedding's one packed tensor. Not for `nf4` / `fp4` / `llm_int8`. See
             docs/embeddings.md.
-        desc_act, static_groups, damp_percent, block_size: GPTQ options (see docs/gptq.md); only accepted with
-            `method="gptq"`.
-        duo_scaling, grid: AWQ options (see docs/awq.md; `grid` from 1 to 100); only accepted with `method="awq"`.
-        clip, true_sequential: range search and stage-by-stage calibration, for `gptq` and `awq`.
+        **options: the method's own options, each declared once (default, check, help) in a frozen dataclass beside
+            the code that reads it, and accepted only with the methods that read it:
+            `desc_act`, `static_groups`, `damp_percent`, `block_size`, `clip`: GPTQ (`methods.gptq.GPTQOptions`,
+            docs/gptq.md); `duo_scaling`, `grid` (1 to 100), `clip`: AWQ (`methods.awq.AWQOptions`, docs/awq.md);
+            `true_sequential`: stage-by-stage calibration, every calibrated method (`pipeline.sequential
+            .SequentialOptions`); `double_quant`: `nf4` / `fp4`, QLoRA's double quantization of the block scales;
+            `outlier_threshold`: `llm_int8`, LLM.int8()'s threshold (`methods.bnb`); `finetune`, `prefer`,
+            `deploy`: the inputs of `method="auto"` (`auto_method.AutoInputs`: the model will be fine-tuned,
+            "accuracy" or "latency", deployment target "cpu" / "gpu" / None; docs/backends.md); and `full_range`.
         full_range: `rtn`, `gptq` and `awq`, with `sym=True` only: the symmetric grid of all 2^b levels, as
             llama.cpp's Q4_0: per group `scale = m / -2^(b-1)` for the signed value m of largest magnitude (negative
             where m > 0), integers in [-2^(b-1), 2^(b-1) - 1], so m lands on -2^(b-1) and the step is
@@ -125,11 +101,6 @@ class PtqConfig(HfPtqConfig):
             path in bf16 on CPUs with native bf16 and in fp32 on others; elsewhere the activations' dtype; see
             docs/kernels.md) or `"bfloat16"` / `"float16"` / `"float32"`. For `nf4` / `fp4` it is bitsandbytes'
             `bnb_4bit_compute_dtype` (`"auto"`: the model's dtype).
-        double_quant: `nf4` / `fp4` only: quantize the block scales too (QLoRA's double quantization; default False).
-        outlier_threshold: `llm_int8` only: LLM.int8()'s outlier threshold (bitsandbytes' `llm_int8_threshold`,
-            default 6.0).
-        finetune, prefer, deploy: `method="auto"` only: the model will be fine-tuned (default False); `"accuracy"`
-            (default) or `"latency"`; deployment target `"cpu"`, `"gpu"` or None (unknown). See docs/backends.md.
     """
 
     def __init__(
@@ -146,22 +117,8 @@ class PtqConfig(HfPtqConfig):
         compute_dtype: str = "auto",
         tokenizer: Any = None,
         embeddings: str | None = None,
-        desc_act: bool | None = None,
-        static_groups: bool | None = None,
-        damp_percent: float | None = None,
-        true_sequential: bool | None = None,
-        block_size: int | None = None,
-        clip: bool | None = None,
-        full_range: bool | None = None,
-        duo_scaling: bool | None = None,
-        grid: int | None = None,
-        double_quant: bool | None = None,
-        outlier_threshold: float | None = None,
-        finetune: bool | None = None,
-        prefer: str | None = None,
-        deploy: str | None = None,
         quant_method: str = QUANT_METHOD,
-        **saved: Any,
+        **options: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
             raise _fail("quant_method", quant_method, f"{QUANT_METHOD!r} (set by hf_ptq, not by users)")
@@ -178,37 +135,22 @@ class PtqConfig(HfPtqConfig):
         self.compute_dtype = compute_dtype
         self.tokenizer = tokenizer
         self.embeddings = embeddings
-        self.desc_act = desc_act
-        self.static_groups = static_groups
-        self.damp_percent = damp_percent
-        self.true_sequential = true_sequential
-        self.block_size = block_size
-        self.clip = clip
-        self.full_range = full_range
-        self.duo_scaling = duo_scaling
-        self.grid = grid
-        self.double_quant = double_quant
-        self.outlier_threshold = outlier_threshold
-        self.finetune = finetune
-        self.prefer = prefer
-        self.deploy = deploy
-        self.auto_choice = saved.pop("auto_choice", None)  # written by `to_dict` after method="auto" chose
-        known = "method, bits, group_size, sym, modules_to_not_convert, dataset, num_samples, seq_len, batch_size, "
-        self._take_saved_keys(saved, [known + "compute_dtype, tokenizer, embeddings", *_METHOD_FIELDS, *_AUTO_FIELDS])
+        for name in option_owners():  # None: not given (a method that does not take it rejects any other value)
+            setattr(self, name, options.pop(name, None))
+        self.auto_choice = options.pop("auto_choice", None)  # written by `to_dict` after method="auto" chose
+        self._take_saved_keys(options)
         self.post_init()
 
     def _resolve_auto(self, names: list[str]) -> None:
         """`method="auto"`: validate its inputs, choose the method, log and record the choice."""
-        inputs = {}
-        for field, (default, check, allowed) in _AUTO_FIELDS.items():
-            value = getattr(self, field)
-            value = default if value is None else value
-            if not check(value):
-                raise _fail(field, value, allowed)
-            inputs[field] = value
+        given = {f: getattr(self, f) for f in option_names(AutoInputs) if getattr(self, f) is not None}
+        try:
+            inputs = vars(AutoInputs(**given))
+        except InvalidOption as err:
+            raise err.owned_by(OWNER) from None
+        for field in inputs:
             setattr(self, field, None)  # consumed: the saved config records them in `auto_choice`
-        inputs["calibration_data"] = self.dataset is not None
-        inputs["cuda"] = torch.cuda.is_available()
+        inputs = {**inputs, "calibration_data": self.dataset is not None, "cuda": torch.cuda.is_available()}
         choice = choose_method(**inputs)
         if choice.method not in names:
             raise ValueError(
@@ -233,13 +175,8 @@ class PtqConfig(HfPtqConfig):
             self._resolve_auto(names)
         if not isinstance(self.method, str) or self.method not in names:
             raise _fail("method", self.method, "one of " + ", ".join(repr(n) for n in [*names, AUTO]))
-        for field in _AUTO_FIELDS:
-            if getattr(self, field) is not None:
-                raise ValueError(
-                    f"PtqConfig.{field}={getattr(self, field)!r} does not apply to method={self.method!r}; it is an "
-                    f"input of method='auto'. Drop {field} or use method='auto'."
-                )
         spec = method_spec(self.method)
+        self._check_options_apply(spec)
         for field, forced in spec.forced_fields.items():
             value = getattr(self, field)
             if value is not None and value != forced:
@@ -248,39 +185,12 @@ class PtqConfig(HfPtqConfig):
                     f"{field}={forced!r} ({spec.summary}); drop {field} or choose method='rtn'.{self._auto_note()}"
                 )
             setattr(self, field, forced)
-        for field, default in (_DEFAULTS | spec.defaults).items():
+        defaults = WeightScheme()
+        for field in (*_SCHEME_FIELDS, "full_range") if spec.full_range else _SCHEME_FIELDS:
             if getattr(self, field) is None:
-                setattr(self, field, default)
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _ALLOWED_BITS:
-            raise _fail("bits", self.bits, "one of " + ", ".join(map(str, _ALLOWED_BITS)))
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < -1:
-            raise _fail(
-                "group_size",
-                self.group_size,
-                "a positive divisor of the layers' in_features (e.g. 32, 64, 128), -1 (per-channel) or 0 (per-tensor)",
-            )
-        if not isinstance(self.sym, bool):
-            raise _fail("sym", self.sym, "True or False")
+                setattr(self, field, spec.defaults.get(field, getattr(defaults, field)))
         self._check_shared_fields(_fail, spec.needs_calibration)
-        for field, (default, check, allowed) in _METHOD_FIELDS.items():
-            value = getattr(self, field)
-            if field not in spec.fields:
-                if value is not None:
-                    users = [n for n in names if field in method_spec(n).fields]
-                    raise ValueError(
-                        f"PtqConfig.{field}={value!r} does not apply to method={self.method!r}; it is an option of "
-                        f"method={' / '.join(repr(u) for u in users)}. Drop {field} or change the method."
-                    )
-                continue
-            if value is None:
-                setattr(self, field, default)
-            elif not check(value):
-                raise _fail(field, value, allowed)
-        if self.full_range and not self.sym:
-            raise ValueError(
-                f"PtqConfig.full_range=True needs sym=True (got sym={self.sym!r}): the full-range grid is symmetric, "
-                "with no zero point. Set sym=True or drop full_range."
-            )
+        self._build_options(spec)
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
         check_embeddings(_fail, self.embeddings)
@@ -296,6 +206,49 @@ class PtqConfig(HfPtqConfig):
                 spec.check(self)
             except ValueError as exc:
                 raise ValueError(f"{exc}{self._auto_note()}") from None
+
+    def _check_options_apply(self, spec: MethodSpec) -> None:
+        """A keyword option given to a method that does not read it is refused, naming the methods that do."""
+        accepted = _accepted_options(spec)
+        for field, users in option_owners().items():
+            value = getattr(self, field)
+            if value is None or field in accepted:
+                continue
+            if users == [AUTO]:
+                raise ValueError(
+                    f"PtqConfig.{field}={value!r} does not apply to method={self.method!r}; it is an input of "
+                    f"method='auto'. Drop {field} or use method='auto'."
+                )
+            raise ValueError(
+                f"PtqConfig.{field}={value!r} does not apply to method={self.method!r}; it is an option of "
+                f"method={' / '.join(repr(u) for u in users)}. Drop {field} or change the method."
+            )
+
+    def _build_options(self, spec: MethodSpec) -> None:
+        """Check the scheme, the walk's and the method's options (their own checks), and fill in their defaults."""
+
+        def given(cls: type) -> dict[str, Any]:
+            return {f: getattr(self, f) for f in option_names(cls) if getattr(self, f) is not None}
+
+        try:
+            self._scheme = WeightScheme(**given(WeightScheme))
+            self._options = None if spec.options is None else spec.options(**given(spec.options))
+            walk = SequentialOptions(**given(SequentialOptions)) if spec.needs_calibration else None
+        except InvalidOption as err:
+            raise err.owned_by(OWNER) from None
+        for options in (self._options, walk):
+            for field, value in (vars(options) if options is not None else {}).items():
+                setattr(self, field, value)
+
+    @property
+    def scheme(self) -> WeightScheme:
+        """The weights' grid (bits, group size, symmetry, full range), validated."""
+        return self._scheme
+
+    @property
+    def options(self) -> Any:
+        """The method's own options (e.g. `GPTQOptions`), validated; None for methods without any."""
+        return self._options
 
     @property
     def act_order_modules(self) -> bool:
@@ -315,3 +268,6 @@ class PtqConfig(HfPtqConfig):
         if self.embeddings:
             text += f" embeddings={self.embeddings}"
         return text
+
+
+name_keyword_options(PtqConfig, option_owners())

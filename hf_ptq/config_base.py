@@ -6,6 +6,7 @@ data described, never embedded)."""
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -17,6 +18,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .calibration.describe import describe_dataset
 from .calibration.limits import data_free_error, token_budget_error
 from .core.embeddings import EMBEDDING_FORMATS
+from .core.install import UPGRADE
 
 logger = logging.getLogger("hf_ptq")
 
@@ -53,7 +55,7 @@ def check_format_version(cls: str, version: Any) -> int:
         )
     if version not in SUPPORTED_FORMAT_VERSIONS:
         newer = version > max(SUPPORTED_FORMAT_VERSIONS)
-        advice = "upgrade hf-ptq (pip install -U hf-ptq) to load it" if newer else "it was not written by hf_ptq"
+        advice = f"{UPGRADE} to load it" if newer else "it was not written by hf_ptq"
         raise ValueError(
             f"{cls}.format_version={version}: this checkpoint was saved in format version {version}, and this "
             f"hf_ptq reads format_version {supported}: {advice}."
@@ -92,18 +94,35 @@ def check_embeddings(fail: Fail, value: Any) -> None:
         )
 
 
+def name_keyword_options(cls: type, names: Iterable[str]) -> None:
+    """Give `cls(...)` a signature naming each keyword option `names` (taken through `**options`, default None), for
+    `help()`, `inspect.signature` and tools that read it; the options themselves are declared in their dataclasses."""
+    init = inspect.signature(cls.__init__)
+    named = [p for p in init.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    keyword = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+    saved = inspect.Parameter("saved", inspect.Parameter.VAR_KEYWORD)
+    cls.__init__.__signature__ = init.replace(parameters=[*named, *keyword, saved])
+
+
 class HfPtqConfig(QuantizationConfigMixin):
     """Base of hf_ptq's quantization configs; subclasses set their fields, then call `_take_saved_keys` and
-    validate in `post_init` (with `_check_shared_fields`)."""
+    validate in `post_init` (with `_check_shared_fields`). Each has `method` (the registered method the pipeline
+    runs), `scheme` (`WeightScheme`), `options` (the method's options dataclass) and `compute_dtype`."""
 
-    def _take_saved_keys(self, saved: dict[str, Any], known: Iterable[str]) -> None:
+    # dtype of hf_ptq's weight-only matmuls (QuantLinear, quantized embeddings): PtqConfig lets users choose it;
+    # SmoothQuantConfig's weight-only modules (its quantized embeddings) use "auto"
+    compute_dtype = "auto"
+
+    def _take_saved_keys(self, saved: dict[str, Any]) -> None:
         """Keep the keys `to_dict` writes that are not constructor arguments (dataset description, format version);
-        raise on any other unknown key, listing the `known` fields."""
+        raise on any other unknown key, listing the fields the constructor's signature names."""
         self.dataset_description = saved.pop("dataset_description", None)
         # a checkpoint another tool made, converted at load: its quant_method and saved quantization_config
         self.converted_from = saved.pop("converted_from", None)
         self.format_version = check_format_version(type(self).__name__, saved.pop("format_version", FORMAT_VERSION))
         if saved:
+            params = inspect.signature(type(self)).parameters.items()
+            known = [n for n, p in params if n != "quant_method" and p.kind is not inspect.Parameter.VAR_KEYWORD]
             raise ValueError(
                 f"{type(self).__name__} got unknown field(s) {sorted(saved)}; known fields: {', '.join(known)}."
             )
@@ -156,7 +175,9 @@ class HfPtqConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: the calibration data itself is replaced by its description."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
+        # private attributes (`_scheme`, `_options`) are derived from the public fields, which are what is saved
+        keep = (k for k in self.__dict__ if not k.startswith("_") and k not in ("dataset", "tokenizer"))
+        out = {k: copy.deepcopy(self.__dict__[k]) for k in keep}
         if out.get("converted_from") is None:  # written only for checkpoints converted from another tool's format
             out.pop("converted_from", None)
         out["dataset"] = None

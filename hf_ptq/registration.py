@@ -4,11 +4,9 @@ transformers' `register_quantization_config` / `register_quantizer` raise on a s
 `import hf_ptq` or an `importlib.reload` must not, so an existing entry is replaced instead (a reload then maps the
 name to the reloaded classes).
 
-A checkpoint whose `quant_method` transformers does not know is loaded with a warning ("Unknown quantization type")
-and random weights where the packed ones were. For names spelled like hf_ptq's (starting with `hf_ptq`, e.g. a
-method a newer hf_ptq added) that is refused instead: `AutoHfQuantizer.supports_quant_method`, which
-`from_pretrained` asks before building a quantizer, is wrapped to raise for them. Every other name behaves as
-before, and wrapping again (re-import, reload) wraps transformers' original, never a wrapper.
+`AutoHfQuantizer.supports_quant_method`, which `from_pretrained` asks before building a quantizer, is wrapped to
+refuse saved `quant_method`s spelled like hf_ptq's that no import registered (`hf_ptq.own_methods`); every other name
+behaves as before, and wrapping again (re-import, reload) wraps transformers' original, never a wrapper.
 
 `take_over` maps transformers' "gptq", "awq" and "compressed-tensors" to hf_ptq's loaders of those checkpoints
 (`hf_ptq.quantizer.third_party`), keeping transformers' classes as the fallback they hand other loads to; for
@@ -22,7 +20,8 @@ from typing import Any
 
 from transformers.quantizers import auto
 
-OWN_PREFIX = "hf_ptq"
+from .own_methods import refuse_unknown_own_method
+
 _ORIGINAL = "_hf_ptq_original"  # attribute of the wrapper holding transformers' own function
 
 
@@ -64,30 +63,6 @@ def take_over() -> None:
         (CompressedTensorsCheckpointConfig,),
         {"from_dict": classmethod(from_dict), "original": original_config, "hf_ptq_takeover": True},
     )
-
-
-def _saved_quant_method(quantization_config: Any) -> Any:
-    """The quant_method of a saved quantization config (dict or config object); None for bitsandbytes' legacy keys
-    (transformers maps those to its own names)."""
-    get = quantization_config.get if isinstance(quantization_config, dict) else None
-    if get is None:
-        return getattr(quantization_config, "quant_method", None)
-    if get("load_in_8bit", False) or get("load_in_4bit", False):
-        return None
-    return get("quant_method")
-
-
-def refuse_unknown_own_method(quantization_config: Any) -> None:
-    """ValueError for a saved quant_method starting with `hf_ptq` that no import registered."""
-    name = _saved_quant_method(quantization_config)
-    if isinstance(name, str) and name.startswith(OWN_PREFIX) and name not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        known = sorted(n for n in auto.AUTO_QUANTIZATION_CONFIG_MAPPING if n.startswith(OWN_PREFIX))
-        raise ValueError(
-            f"config.json's quantization_config.quant_method={name!r} is not one this hf_ptq reads "
-            f"({', '.join(map(repr, known))}): the checkpoint was written by a newer hf_ptq, so upgrade hf-ptq "
-            "(pip install -U hf-ptq); or its config.json was edited. Without this check transformers would load it "
-            "with random weights."
-        )
 
 
 def _guarded(original: Callable[[Any], bool]) -> Callable[[Any], bool]:

@@ -9,26 +9,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import _METHOD_FIELDS as _PTQ_METHOD_FIELDS
-from .config_base import HfPtqConfig, check_embeddings
-from .methods.gptq import GPTQ_FIELDS
+from .config_base import HfPtqConfig, check_embeddings, name_keyword_options
+from .core.options import InvalidOption, option_names
+from .core.scheme import WeightScheme
+from .methods.options import (
+    GPTQ_WEIGHT_DEFAULTS,
+    GPTQ_WEIGHT_OPTIONS,
+    GPTQOptions,
+    SequentialOptions,
+    SmoothQuantOptions,
+)
 
 QUANT_METHOD = "hf_ptq_smoothquant"
-
-_ACTIVATIONS = ("dynamic", "static")
-_WEIGHT_METHODS = ("rtn", "gptq")
-# GPTQ options accepted with weight_method="gptq" (checks and defaults shared with PtqConfig); per-channel weights
-# have no groups, so static_groups does not apply, and clip is off by default (int8 ranges gain little from it).
-_GPTQ_OPTIONS = {f: _PTQ_METHOD_FIELDS[f] for f in GPTQ_FIELDS if f not in ("static_groups", "true_sequential")}
-_GPTQ_OPTIONS["clip"] = (False, *_PTQ_METHOD_FIELDS["clip"][1:])
+OWNER = "SmoothQuantConfig"
+SCHEME = WeightScheme(bits=8, group_size=-1, sym=True)  # int8 per-channel symmetric weights
+_KEYWORD_OPTIONS = (*option_names(SequentialOptions), *GPTQ_WEIGHT_OPTIONS)
 
 
 def _fail(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"SmoothQuantConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return InvalidOption(field, value, allowed).owned_by(OWNER)
 
 
 class SmoothQuantConfig(HfPtqConfig):
@@ -50,17 +49,12 @@ class SmoothQuantConfig(HfPtqConfig):
         dataset, num_samples, seq_len, batch_size, tokenizer: calibration data, as in `PtqConfig` (see
             docs/calibration.md, with the same bounds); `dataset=None` calibrates on text sampled from the model
             itself. numpy scalars are accepted in every numeric field, as Python numbers.
-        true_sequential: collect each layer input's statistics after the layers before it in the block are
-            quantized, instead of all in one pass per block; default: True with `weight_method="gptq"` (its
+        **options: `true_sequential`: collect each layer input's statistics after the layers before it in the block
+            are quantized, instead of all in one pass per block; default: True with `weight_method="gptq"` (its
             Hessians gain from it), False with `"rtn"` (only the activation maxima would change; 40% faster).
-        damp_percent, desc_act, block_size, clip: GPTQ options (see docs/gptq.md); only with `weight_method="gptq"`.
+            `damp_percent`, `desc_act`, `block_size`, `clip`: GPTQ options (see docs/gptq.md; `clip` defaults to
+            False here); only with `weight_method="gptq"`.
     """
-
-    bits = 8  # read by the shared pipeline and model card: int8 per-channel symmetric weights
-    group_size = -1
-    sym = True
-    static_groups = False
-    compute_dtype = "auto"
 
     def __init__(
         self,
@@ -73,14 +67,9 @@ class SmoothQuantConfig(HfPtqConfig):
         seq_len: int = 512,
         batch_size: int = 1,
         tokenizer: Any = None,
-        true_sequential: bool | None = None,
-        damp_percent: float | None = None,
-        desc_act: bool | None = None,
-        block_size: int | None = None,
-        clip: bool | None = None,
         embeddings: str | None = None,
         quant_method: str = QUANT_METHOD,
-        **saved: Any,
+        **options: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
             raise _fail("quant_method", quant_method, f"{QUANT_METHOD!r} (set by hf_ptq, not by users)")
@@ -94,44 +83,46 @@ class SmoothQuantConfig(HfPtqConfig):
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.tokenizer = tokenizer
-        self.true_sequential = true_sequential
-        self.damp_percent = damp_percent
-        self.desc_act = desc_act
-        self.block_size = block_size
-        self.clip = clip
         self.embeddings = embeddings
-        known = "alpha, activations, weight_method, modules_to_not_convert, dataset, num_samples, seq_len, batch_size"
-        self._take_saved_keys(saved, [known, "tokenizer, true_sequential, embeddings", *_GPTQ_OPTIONS])
+        for name in _KEYWORD_OPTIONS:
+            setattr(self, name, options.pop(name, None))
+        self._take_saved_keys(options)
         self.post_init()
 
     def post_init(self) -> None:
         """Validate every field."""
         self._plain_numbers()
-        if self.alpha != "auto" and (not _is_number(self.alpha) or not 0 <= self.alpha <= 1):
-            raise _fail("alpha", self.alpha, "a number in [0, 1], e.g. 0.5 (SmoothQuant's default), or 'auto'")
-        if self.activations not in _ACTIVATIONS:
-            raise _fail("activations", self.activations, " or ".join(map(repr, _ACTIVATIONS)))
-        if self.weight_method not in _WEIGHT_METHODS:
-            raise _fail("weight_method", self.weight_method, " or ".join(map(repr, _WEIGHT_METHODS)))
-        self._check_shared_fields(_fail, needs_calibration=True)
-        check_embeddings(_fail, self.embeddings)
-        if self.true_sequential is None:
-            self.true_sequential = self.weight_method == "gptq"
-        if not isinstance(self.true_sequential, bool):
-            raise _fail("true_sequential", self.true_sequential, "True or False")
-        for field, (default, check, allowed) in _GPTQ_OPTIONS.items():
-            value = getattr(self, field)
-            if self.weight_method != "gptq":
-                if value is not None:
+        gptq = self.weight_method == "gptq"
+        if not gptq:
+            for field in GPTQ_WEIGHT_OPTIONS:
+                value = getattr(self, field)
+                if value is not None and self.weight_method == "rtn":
                     raise ValueError(
                         f"SmoothQuantConfig.{field}={value!r} is a GPTQ option and applies only with "
                         f"weight_method='gptq' (got weight_method={self.weight_method!r}): drop {field} or set "
                         "weight_method='gptq'."
                     )
-            elif value is None:
-                setattr(self, field, default)
-            elif not check(value):
-                raise _fail(field, value, allowed)
+        try:
+            if gptq:
+                given = {f: getattr(self, f) for f in GPTQ_WEIGHT_OPTIONS if getattr(self, f) is not None}
+                weights = GPTQOptions(**{**GPTQ_WEIGHT_DEFAULTS, **given})
+            else:
+                weights = None
+            self._options = SmoothQuantOptions(
+                alpha=self.alpha, activations=self.activations, weight_method=self.weight_method, gptq=weights
+            )
+        except InvalidOption as err:
+            raise err.owned_by(OWNER) from None
+        self._check_shared_fields(_fail, needs_calibration=True)
+        check_embeddings(_fail, self.embeddings)
+        if self.true_sequential is None:
+            self.true_sequential = gptq
+        try:
+            SequentialOptions(true_sequential=self.true_sequential)
+        except InvalidOption as err:
+            raise err.owned_by(OWNER) from None
+        for field in GPTQ_WEIGHT_OPTIONS if gptq else ():
+            setattr(self, field, getattr(weights, field))
 
     @property
     def method(self) -> str:
@@ -139,9 +130,19 @@ class SmoothQuantConfig(HfPtqConfig):
         return "smoothquant_gptq" if self.weight_method == "gptq" else "smoothquant"
 
     @property
+    def scheme(self) -> WeightScheme:
+        """The weights' grid: int8 per output channel, symmetric."""
+        return SCHEME
+
+    @property
+    def options(self) -> SmoothQuantOptions:
+        """The method's options (alpha, activations, weight method and its GPTQ options), validated."""
+        return self._options
+
+    @property
     def static(self) -> bool:
         """True for static per-tensor activation scales."""
-        return self.activations == "static"
+        return self._options.static
 
     def describe(self) -> str:
         """One line for logs and model cards, e.g. `smoothquant w8a8 alpha=0.5 dynamic per-token, rtn weights`."""
@@ -149,3 +150,6 @@ class SmoothQuantConfig(HfPtqConfig):
         alpha = self.alpha if self.alpha == "auto" else f"{self.alpha:g}"
         text = f"smoothquant w8a8 alpha={alpha} {acts}, {self.weight_method} weights"
         return text + (f", embeddings={self.embeddings}" if self.embeddings else "")
+
+
+name_keyword_options(SmoothQuantConfig, _KEYWORD_OPTIONS)

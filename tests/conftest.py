@@ -15,6 +15,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from optional_extras import (  # noqa: E402, F401  (pytest hooks: the `extra` marker, its skips, the end-of-run count)
+    pytest_configure,
+    pytest_runtest_setup,
+    pytest_terminal_summary,
+)
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
 import hf_ptq  # noqa: E402, F401  (registers the "hf_ptq" quantization method)
@@ -165,6 +170,14 @@ FAMILIES: dict[str, Family] = {
         extra_linears=("pooler.dense",),
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def _warnings_said_fresh():
+    """Every test starts with no warning said yet: hf_ptq.core.warn_once says each one once per run."""
+    from hf_ptq.core.warn_once import forget_warnings
+
+    forget_warnings()
 
 
 def load_with_blocks_on_disk(

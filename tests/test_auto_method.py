@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, input_ids, model_output
+from optional_extras import require_extra
 from transformers import AutoModelForCausalLM
 
 from hf_ptq import PtqConfig
@@ -106,7 +107,7 @@ def test_auto_conflict_names_field_and_choice() -> None:
 
 def test_auto_end_to_end_hqq_saves_choice(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """No data, no fine-tuning, no GPU: HQQ, quantized on load, saved with the choice, reloaded exactly."""
-    pytest.importorskip("hqq")
+    require_extra("hqq")
     cfg = PtqConfig(method="auto", group_size=32)
     if cfg.method != "hqq":  # on a CUDA machine the tree picks nf4
         pytest.skip(f"auto chose {cfg.method} here")
@@ -123,7 +124,7 @@ def test_auto_end_to_end_hqq_saves_choice(tiny_llama_dir: Path, tmp_path: Path) 
 
 
 def test_auto_end_to_end_finetune_is_nf4(tiny_llama_dir: Path) -> None:
-    pytest.importorskip("bitsandbytes")
+    require_extra("bnb")
     import bitsandbytes as bnb
 
     model = AutoModelForCausalLM.from_pretrained(

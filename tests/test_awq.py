@@ -166,7 +166,7 @@ def test_search_objective_is_the_output_error_and_never_worse_than_no_scaling() 
     assert torch.allclose(stats.hessian, 2 * x.t() @ x / 256, rtol=1e-4, atol=1e-3)
     assert torch.allclose(stats.mean_abs, x.abs().mean(0), rtol=1e-5)
     cfg = PtqConfig(method="awq", bits=3, group_size=32, duo_scaling=True, grid=10)
-    s, errors = search_scale(w, stats.hessian, stats.mean_abs, cfg, torch.float32)
+    s, errors = search_scale(w, stats.hessian, stats.mean_abs, cfg.scheme, cfg.options, torch.float32)
     assert len(errors) == 11
     # The chosen scale's objective, computed directly: 2/N Σ_t ||W x_t - Q(W s)(x_t / s)||².
     q = quantize(w * s, 3, 32, False, torch.float32).dequantize()
@@ -185,7 +185,7 @@ def test_search_candidates_are_rounded_as_the_model_will_store_them(group_size: 
     w, s = torch.randn(48, 64), torch.rand(64) + 0.5
     cfg = PtqConfig(method="awq", bits=4, group_size=group_size, sym=sym)
     expected = quantize((w * s).to(torch.bfloat16), 4, group_size, sym, torch.bfloat16).dequantize() / s
-    assert torch.equal(_rounded(w, s, cfg, torch.bfloat16), expected)
+    assert torch.equal(_rounded(w, s, cfg.scheme, torch.bfloat16), expected)
 
 
 def test_search_keeps_no_scaling_when_nothing_beats_it() -> None:
@@ -194,7 +194,7 @@ def test_search_keeps_no_scaling_when_nothing_beats_it() -> None:
     w = torch.ones(8, 32)
     stats = stats_of(x)
     cfg = PtqConfig(method="awq", bits=4, group_size=32, grid=5)
-    s, errors = search_scale(w, stats.hessian, stats.mean_abs, cfg, torch.float32)
+    s, errors = search_scale(w, stats.hessian, stats.mean_abs, cfg.scheme, cfg.options, torch.float32)
     assert torch.equal(s, torch.ones(32)) and errors[0] <= min(errors)
 
 
@@ -226,7 +226,7 @@ def test_clipped_rtn_is_never_worse_than_min_max() -> None:
     w = torch.randn(32, 64)
     stats = stats_of(x)
     cfg = PtqConfig(method="awq", bits=3, group_size=32)
-    clipped = clipped_rtn(w, stats.hessian, cfg).dequantize()
+    clipped = clipped_rtn(w, stats.hessian, cfg.scheme).dequantize()
     plain = quantize(w, 3, 32, False, torch.float32).dequantize()
     err = lambda wq: ((x @ (w - wq).t()) ** 2).sum().item()  # noqa: E731
     assert err(clipped) <= err(plain)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, VOCAB
+from optional_extras import require_extra
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ptq import PtqConfig
@@ -64,7 +65,7 @@ def test_token_ids_used_as_given() -> None:
 
 
 def test_datasets_dataset_text_column(tokenizer) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = require_extra("datasets", "datasets")
     rows = ["", SENTENCES[0], "   ", long_text(20)]
     ds = datasets.Dataset.from_dict({"id": list(range(4)), "text": rows})
     samples = token_samples(ds, num_samples=2, seq_len=16, tokenizer=tokenizer)

@@ -14,6 +14,7 @@ TEXT = "A quiet harbour town wakes early: boats go out, gulls follow them, and t
 FAST = {"max_length": 64, "speed": False}
 
 
+@pytest.mark.extra("plot")
 def test_compare_writes_report_plot_and_json(tiny_llama_with_tokenizer_dir, tmp_path):
     configs = [
         hf_ptq.PtqConfig(method="rtn", bits=4, group_size=32),
@@ -91,4 +92,4 @@ def test_without_matplotlib_the_report_has_no_plot(tiny_llama_with_tokenizer_dir
     )
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["report.md", "results.json"]
     assert result.plot_path is None and "comparison.png" not in result.markdown
-    assert "pip install 'hf-ptq[plot]'" in caplog.text
+    assert 'pip install -e ".[plot]"' in caplog.text

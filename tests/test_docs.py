@@ -34,6 +34,20 @@ def code_blocks(page: Path, language: str) -> list[tuple[int, str]]:
 
 
 PAGES = sorted(p.name for p in DOCS.glob("*.md") if code_blocks(p, "python"))
+# what in a tested block needs which optional extra
+NEEDS = {
+    r'method="(nf4|fp4|llm_int8)"': "bnb",
+    r'method="hqq"': "hqq",
+    r"\b(from|import) peft\b": "finetune",
+    r'format="gguf"': "gguf",
+    r"\bimport datasets\b": "datasets",
+}
+
+
+def page_extras(page: str) -> list[str]:
+    """The extras the tested Python blocks of `page` need."""
+    code = "\n".join(block for _, block in code_blocks(DOCS / page, "python"))
+    return sorted({extra for pattern, extra in NEEDS.items() if re.search(pattern, code)})
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +60,12 @@ def test_every_page_with_code_is_tested():
     assert {"quickstart.md", "evaluation.md", "gptq.md", "rtn.md", "int8.md"} <= set(PAGES)
 
 
-@pytest.mark.parametrize("page", PAGES)
+def test_pages_name_the_extras_they_need():
+    assert page_extras("backends.md") == ["bnb", "finetune", "hqq"] and page_extras("export.md") == ["gguf"]
+    assert page_extras("quickstart.md") == []
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.extra(*page_extras(p))) for p in PAGES])
 def test_python_blocks_run(page, doc_model_dir, tmp_path, monkeypatch, hub):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     (tmp_path / "calib.txt").write_text(PROSE * 20)

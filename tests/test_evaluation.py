@@ -10,12 +10,16 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAMILIES
+from optional_extras import require_extra
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq
 from hf_ptq.evaluation import EvalResult, ModelStats, PeakMemory, Thresholds, perplexity, sliding_windows
 from hf_ptq.evaluation.data import self_written_ids
 from hf_ptq.evaluation.downstream import run_tasks
+from hf_ptq.evaluation.memory import full_precision_weights
+from hf_ptq.evaluation.result import MB
 
 TEXT = (
     "The river rose through the night, and by morning the low fields were under water. Farmers moved their animals "
@@ -136,7 +140,7 @@ def test_every_data_form_gives_the_same_tokens(tiny, tmp_path):
     (tmp_path / "eval.txt").write_text(TEXT)
     ids = tok(TEXT, return_tensors="pt").input_ids[0]
     forms = [TEXT, str(tmp_path / "eval.txt"), tmp_path / "eval.txt", ids, [TEXT]]
-    datasets = pytest.importorskip("datasets", reason="datasets not installed: the other forms are checked")
+    datasets = require_extra("datasets", "datasets")
     forms.append(datasets.Dataset.from_dict({"id": [0], "body": [TEXT]}))
     ppls = [
         hf_ptq.evaluate(model, tok, data=f, text_column="body", max_length=32, speed=False).perplexity for f in forms
@@ -171,7 +175,7 @@ def test_bad_options_fail_with_the_field_named(tiny, kwargs, match):
 
 
 def test_dataset_without_the_text_column(tiny):
-    datasets = pytest.importorskip("datasets")
+    datasets = require_extra("datasets", "datasets")
     model, tok = tiny
     with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['body'\]\); pass text_column"):
         hf_ptq.evaluate(model, tok, data=datasets.Dataset.from_dict({"body": [TEXT]}), speed=False)
@@ -189,10 +193,63 @@ def test_checklist_thresholds():
     assert [c.value for c in checks] == ["+9.0 %", "1.5 points", "1.55x", "0.330"]
     strict = Thresholds(max_ppl_increase=0.05, max_downstream_drop=0.01, min_speedup=2.0, max_memory_ratio=0.25)
     assert [c.passed for c in EvalResult(good, ref).checklist(strict)] == [False, False, False, False]
+    assert [c.why for c in checks] == ["", "", "", ""]  # a pass needs no reason
     bad = stats("q", perplexity=11.5, decode_tokens_per_s=20.0, memory_bytes=150)
-    result = EvalResult(bad, ref, downstream_skipped="lm-eval is not installed")
+    result = EvalResult(bad, ref, downstream_skipped="lm-eval is not installed (pip install lm-eval)")
     assert [c.verdict for c in result.checklist()] == ["FAIL", "n/a", "FAIL", "FAIL"]
     assert "lm-eval is not installed" in result.to_markdown()
+
+
+def test_every_miss_of_the_checklist_says_why_in_one_line():
+    """The thresholds stay; a FAIL or n/a names its cause: the data a check needs, what stays in full precision, the
+    numbers behind a miss, a busy machine."""
+    ref = stats("ref", perplexity=10.0, decode_tokens_per_s=20.0, memory_bytes=300 * MB, downstream={"a": 0.6})
+    bad = stats(
+        "q",
+        perplexity=11.5,
+        decode_tokens_per_s=22.0,
+        memory_bytes=150 * MB,
+        downstream={"a": 0.5},
+        full_precision={"embedding": 56 * MB, "lm_head": 56 * MB},
+        full_precision_dtype="bfloat16",
+        busy_cores=1.6,
+    )
+    ppl, drop, speed, memory = (c.why for c in EvalResult(bad, ref).checklist())
+    assert ppl.startswith("perplexity 11.50 against 10.00: ") and "calibration data" in ppl
+    assert drop == "largest drop on a: 60.0 % -> 50.0 %"
+    assert speed.startswith("decode 22.0 against 20.0 tokens/s; other processes used 1.6 CPU cores")
+    assert memory == "embedding and lm_head stay bfloat16 (112.0 of 150.0 MiB): try embeddings='int8'"
+    tied = stats("q", memory_bytes=150 * MB, full_precision={"embedding and lm_head (tied)": 56 * MB})
+    assert EvalResult(tied, ref).checklist()[3].why.startswith("embedding and lm_head (tied) stay full precision")
+    layers = stats(
+        "q", memory_bytes=150 * MB, full_precision={"3 other layers": 9 * MB}, full_precision_dtype="float32"
+    )
+    assert EvalResult(layers, ref).checklist()[3].why == "3 other layers stay float32 (9.0 of 150.0 MiB)"
+    assert "fewer bits" in EvalResult(stats("q", memory_bytes=150 * MB), ref).checklist()[3].why
+    # n/a: what it needs
+    offline = "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set): lm-eval needs to download task data"
+    quiet = stats("q", perplexity=10.5, memory_bytes=90 * MB)
+    checks = EvalResult(quiet, ref, downstream_skipped=offline).checklist()
+    assert [c.verdict for c in checks] == ["PASS", "n/a", "n/a", "PASS"]
+    assert [c.why for c in checks] == ["", "needs downstream data: offline", "speed not measured (speed=False)", ""]
+    assert EvalResult(quiet, ref).checklist()[1].why.startswith("needs downstream data: no tasks given")
+    alone = EvalResult(quiet).checklist()
+    assert {c.why for c in alone} == {"needs a reference model (the unquantized one) to compare with"}
+    markdown = EvalResult(quiet, ref, downstream_skipped=offline).to_markdown()
+    assert "| downstream accuracy drop | — | < 2 points | n/a | needs downstream data: offline |" in markdown
+
+
+def test_full_precision_weights_name_what_a_quantized_model_keeps_whole(quantized, tiny):
+    parts, dtype = full_precision_weights(quantized)  # tiny Llama, tied embeddings: the one float weight left
+    embedding = quantized.get_input_embeddings().weight
+    assert parts == {"embedding and lm_head (tied)": embedding.numel() * 2} and dtype == "bfloat16"
+    kept = hf_ptq.PtqConfig(method="rtn", bits=4, group_size=32, modules_to_not_convert=["down_proj"])
+    model = hf_ptq.quantize(FAMILIES["llama"].build(), kept)  # untied lm_head
+    parts, _ = full_precision_weights(model)
+    assert sorted(parts) == ["2 other layers", "embedding", "lm_head"]
+    assert parts["2 other layers"] == 2 * model.model.layers[0].mlp.down_proj.weight.numel() * 2
+    assert full_precision_weights(tiny[0])[0]["embedding and lm_head (tied)"] == embedding.numel() * 2
+    assert "14 other layers" in full_precision_weights(tiny[0])[0]  # the float model: every Linear
 
 
 def test_result_round_trips_through_json_and_headline():
@@ -225,6 +282,7 @@ def test_downstream_tasks_skip_cleanly(tiny, monkeypatch):
     result = hf_ptq.evaluate(model, tok, reference=model, data=TEXT, max_length=32, speed=False, tasks=["hellaswag"])
     assert result.downstream == {} and result.downstream_skipped.startswith("lm-eval is not installed")
     assert result.checklist()[1].passed is None
+    assert result.checklist()[1].why == "needs downstream data: lm-eval is not installed (pip install lm-eval)"
 
 
 def fake_lm_eval(results: dict | None = None, error: Exception | None = None) -> types.ModuleType:

@@ -33,6 +33,7 @@ def test_pipeline_and_training_example(tiny_llama_with_tokenizer_dir):
     assert result["last_loss"] < 0.5 * result["first_loss"]  # the head learns on the frozen quantized features
 
 
+@pytest.mark.extra("plot")  # comparison.png
 def test_compare_methods_example(tiny_llama_with_tokenizer_dir, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text("Rain fell on the old stone bridge while the river carried leaves toward the sea. " * 10)

@@ -43,6 +43,7 @@ def test_bad_arguments_name_what_is_supported(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.extra("gguf")
 def test_export_from_a_saved_folder_stages_and_replaces_only_with_overwrite(saved: Path, tmp_path: Path) -> None:
     out = tmp_path / "gguf"
     assert hf_ptq.export(str(saved), out, format="gguf") == out
@@ -58,6 +59,7 @@ def test_export_from_a_saved_folder_stages_and_replaces_only_with_overwrite(save
     assert not list(tmp_path.glob(".gguf-*"))  # no staging or old folder left behind
 
 
+@pytest.mark.extra("gguf")
 def test_cli_export(saved: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", str(saved), "--format", "gptq", "--out", str(tmp_path / "g")]) == 0
     assert "Exported" in capsys.readouterr().out
@@ -67,6 +69,7 @@ def test_cli_export(saved: Path, tmp_path: Path, capsys) -> None:
     assert (Path(f"{saved}-gguf") / "model-Q8_0.gguf").exists()
 
 
+@pytest.mark.extra("gguf")
 def test_cli_export_fails_in_one_line_before_writing(saved: Path, tmp_path: Path, capsys) -> None:
     int8 = tmp_path / "int8"
     hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(method="int8")).save_pretrained(int8)
@@ -76,11 +79,12 @@ def test_cli_export_fails_in_one_line_before_writing(saved: Path, tmp_path: Path
     assert err.startswith("error: ") and "'q8_0'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
     assert main(["export", str(tmp_path / "missing"), "--format", "gguf"]) == 2
-    assert "not a saved model folder" in capsys.readouterr().err
+    assert "missing: no such folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", str(saved), "--format", "onnx"])
 
 
+@pytest.mark.extra("gguf")
 def test_push_to_hub_with_a_format(saved: Path, hub, tmp_path: Path) -> None:  # noqa: F811
     model = AutoModelForCausalLM.from_pretrained(saved)
     tokenizer = AutoTokenizer.from_pretrained(saved)
@@ -105,6 +109,7 @@ def test_push_to_hub_refuses_before_creating_the_repo(hub) -> None:  # noqa: F81
     assert hub.repos == [] and hub.commits == []
 
 
+@pytest.mark.extra("hqq", "bnb")
 def test_layers_the_formats_cannot_hold_are_refused(tmp_path: Path) -> None:
     hqq = hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(method="hqq", bits=4, group_size=32))
     for fmt in ("compressed-tensors", "gptq"):

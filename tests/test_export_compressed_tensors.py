@@ -21,9 +21,7 @@ import hf_ptq
 from hf_ptq import PtqConfig, SmoothQuantConfig
 from hf_ptq.nn import QuantLinear, W8A8Linear
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("compressed_tensors") is None, reason="compressed-tensors is not installed"
-)
+pytestmark = pytest.mark.extra("compressed-tensors")
 
 
 def _ct_version() -> tuple[int, ...]:

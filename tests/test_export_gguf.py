@@ -6,15 +6,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
 from conftest import FAMILIES, rel_err
+from optional_extras import import_optional, require_extra
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq
 from hf_ptq import PtqConfig
 from hf_ptq.nn import QuantLinear
+
+pytestmark = pytest.mark.extra("gguf")
+gguf = import_optional("gguf")  # None without the extra: every test here is skipped then
 
 TEXTS = [
     "The capital of France is Paris; 1234 + 5678 = 6912.",
@@ -89,6 +92,8 @@ def tokenizer(small_model_dir):
 @pytest.mark.parametrize("case", list(CASES))
 def test_transformers_reads_the_export(case, small_model_dir, tokenizer, tmp_path, caplog) -> None:
     make_config, gguf_type, written, exact = CASES[case]
+    if case.startswith("hqq"):
+        require_extra("hqq")
     model = AutoModelForCausalLM.from_pretrained(small_model_dir, quantization_config=make_config())
     with caplog.at_level(logging.WARNING):
         folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", gguf_type=gguf_type, embeddings="f16")

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import input_ids
+from optional_extras import import_optional
 from transformers import AutoModelForCausalLM
 
 from hf_ptq import PtqConfig, method_names
 from hf_ptq.quantizer import PtqHfQuantizer
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.extra("finetune")
+peft = import_optional("peft")  # None without the extra: every test here is skipped then
 
 
 def trainable_methods() -> list[str]:

@@ -8,7 +8,6 @@ reader, GGUF Q4_0 blocks, config validation and config.json.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, input_ids, model_output, rel_err
+from optional_extras import require_extra
 from safetensors.torch import load_file
 from test_kernels import calls  # noqa: F401  (the fixture counting which matmul ran)
 from transformers import AutoModelForCausalLM
@@ -354,9 +354,7 @@ def _float_model_with(model) -> torch.nn.Module:
     return reference
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("compressed_tensors") is None, reason="compressed-tensors is not installed"
-)
+@pytest.mark.extra("compressed-tensors")
 def test_plain_transformers_reads_the_portable_save_and_the_export(quantized, tmp_path: Path) -> None:
     """Negative scales on a symmetric int grid: compressed-tensors' reader computes q * scale, so the portable
     save (quant_method compressed-tensors) and export(format='compressed-tensors') hold the model exactly."""
@@ -404,7 +402,7 @@ def test_gptq_export_is_read_back_exactly(quantized, tmp_path: Path, checkpoint_
 def test_gguf_q4_0_export_holds_the_integers_and_negative_scales(tiny_llama_with_tokenizer_dir, tmp_path) -> None:
     """Q4_0 is this grid (d = m / -8): the export writes the integers unchanged, d negative where m > 0, and
     gguf's own reader gives back q * fp16(scale)."""
-    gguf = pytest.importorskip("gguf")
+    gguf = require_extra("gguf", "gguf")
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(

@@ -3,12 +3,15 @@ the packing against the encoder's own reconstruction, quality against a naive en
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 import torch
+from optional_extras import import_optional
 
 from hf_ptq.formats import gguf_kquants as kq
+
+pytestmark = pytest.mark.extra("gguf")
+gguf = import_optional("gguf")  # None without the extra: every test here is skipped then
 
 NMAX = {"Q4_K": 15, "Q5_K": 31}
 

@@ -13,16 +13,20 @@ import os
 import subprocess
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
+from optional_extras import import_optional
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq
 from hf_ptq import PtqConfig
 
 BIN = Path(os.environ["LLAMA_CPP_BIN"]) if os.environ.get("LLAMA_CPP_BIN") else None
-pytestmark = pytest.mark.skipif(BIN is None, reason="set LLAMA_CPP_BIN to a llama.cpp build's bin folder to run these")
+pytestmark = [
+    pytest.mark.skipif(BIN is None, reason="set LLAMA_CPP_BIN to a llama.cpp build's bin folder to run these"),
+    pytest.mark.extra("gguf"),
+]
+gguf = import_optional("gguf")  # None without the extra: every test here is skipped then
 
 CTX = 512
 CHUNKS = 3

@@ -9,8 +9,8 @@ import torch
 
 from hf_ptq import PtqConfig
 from hf_ptq.core.clip_search import clipped_qparams
+from hf_ptq.core.cpu import cpu_has_fast_bf16
 from hf_ptq.core.quant import compute_qparams, dequantize, quantize, quantize_with
-from hf_ptq.kernels import cpu_has_fast_bf16
 from hf_ptq.methods.gptq import GPTQ, gptq_quantize, inverse_hessian_factor
 
 

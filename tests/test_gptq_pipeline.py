@@ -207,7 +207,9 @@ def test_reused_attention_outputs_change_nothing(monkeypatch) -> None:
     cfg = gptq_config(true_sequential=True, batch_size=2)
     reused = hf_ptq.quantize(copy.deepcopy(model), cfg)
     with_reuse, calls["n"] = calls["n"], 0
-    monkeypatch.setattr(OutputStore, "serving", lambda self, quantized, store: contextlib.nullcontext())
+    monkeypatch.setattr(
+        OutputStore, "replaying_finished_children", lambda self, quantized, record: contextlib.nullcontext()
+    )
     recomputed = hf_ptq.quantize(copy.deepcopy(model), cfg)
     assert with_reuse < calls["n"]
     for name in quant_names(recomputed):

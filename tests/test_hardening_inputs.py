@@ -26,12 +26,12 @@ from hf_ptq.calibration.data import calibration_batches
 from hf_ptq.calibration.limits import DATA_FREE_MAX_TOKENS, MAX_CALIBRATION_TOKENS
 from hf_ptq.calibration.self_generated import sample_from_model
 from hf_ptq.cli import main
-from hf_ptq.config import MAX_AWQ_GRID
 from hf_ptq.config_base import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
 from hf_ptq.core.finite import NonFiniteError, NonFiniteWeights, require_finite_weight
 from hf_ptq.formats.save import saved_hf_ptq_config
 from hf_ptq.methods import method_spec
 from hf_ptq.methods.gptq import DAMP_FLOOR, MAX_DAMP, damping_schedule, inverse_hessian_factor
+from hf_ptq.methods.options import MAX_AWQ_GRID
 from hf_ptq.nn import QuantLinear
 from hf_ptq.pipeline.sequential import quantize_group
 

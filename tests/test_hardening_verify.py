@@ -252,6 +252,7 @@ def test_saves_are_byte_for_byte_reproducible(rtn_dir, tmp_path):
         ).read_bytes()
 
 
+@pytest.mark.extra("gguf")
 def test_gguf_export_is_checked_for_truncation(tiny_llama_with_tokenizer_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(
         tiny_llama_with_tokenizer_dir, quantization_config=hf_ptq.PtqConfig(group_size=32)

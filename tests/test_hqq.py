@@ -19,7 +19,7 @@ from hf_ptq import PtqConfig
 from hf_ptq.core.quant import quantize as rtn_quantize
 from hf_ptq.nn import QuantLinear
 
-pytest.importorskip("hqq")
+pytestmark = pytest.mark.extra("hqq")
 
 
 def hqq_reference(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,9 @@ def weight(out_f: int = 96, in_f: int = 128, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (4, 32), (3, 32), (2, 16), (8, 128)])
 def test_hqq_method_matches_hqq_package(bits: int, group_size: int) -> None:
     w = weight()
-    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", bits=bits, group_size=group_size))
+    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(
+        w, PtqConfig(method="hqq", bits=bits, group_size=group_size).scheme, None
+    )
     q_ref, deq_ref = hqq_reference(w, bits, group_size)
     assert torch.equal(qw.q.float() + (1 << (bits - 1)), q_ref)  # the same integers
     assert qw.zero_point.is_floating_point() and qw.scale.dtype == w.dtype  # stored in the model's dtype
@@ -59,7 +61,9 @@ def test_hqq_method_matches_hqq_package(bits: int, group_size: int) -> None:
 def test_hqq_beats_min_max_rounding_on_its_objective() -> None:
     """HQQ minimises a sub-linear norm of the weight error: its mean |error| is below RTN's (same grid, bits)."""
     w = weight().float()
-    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", bits=4, group_size=64))
+    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(
+        w, PtqConfig(method="hqq", bits=4, group_size=64).scheme, None
+    )
     hqq_err = (qw.dequantize() - w).abs().mean()
     rtn_err = (rtn_quantize(w, 4, 64, False).dequantize() - w).abs().mean()
     assert hqq_err < 0.98 * rtn_err  # measured: 0.96
@@ -68,7 +72,7 @@ def test_hqq_beats_min_max_rounding_on_its_objective() -> None:
 @pytest.mark.parametrize("rows", (1, 9))
 def test_float_zero_points_run_on_the_int4_kernel(calls: Counter, rows: int) -> None:  # noqa: F811
     w = weight()
-    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=32))
+    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=32).scheme, None)
     layer = QuantLinear(128, 96, False, 4, 32, False, dtype=torch.bfloat16, float_zero_point=True)
     layer.set_quantized(qw)
     assert torch.equal(layer.dequantized_weight(torch.float32), qw.dequantize(torch.float32))
@@ -82,7 +86,7 @@ def test_integer_and_float_zero_points_are_not_mixed() -> None:
     int_layer = QuantLinear(128, 96, False, 4, 32, False, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="float_zero_point=True"):
         int_layer.set_quantized(
-            hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=32))
+            hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=32).scheme, None)
         )
     float_layer = QuantLinear(128, 96, False, 4, 32, False, dtype=torch.bfloat16, float_zero_point=True)
     with pytest.raises(ValueError, match="integer"):
@@ -123,7 +127,7 @@ def test_quantize_in_memory_equals_on_load(tiny_llama_dir: Path) -> None:
 def test_missing_hqq_package_names_the_extra_before_weights(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Quantizing needs the hqq package (ImportError naming hf-ptq[hqq], before loading); a saved HQQ model
+    """Quantizing needs the hqq package (ImportError naming the extra hqq, before loading); a saved HQQ model
     reloads and runs without it."""
     model = AutoModelForCausalLM.from_pretrained(
         tiny_llama_dir, quantization_config=PtqConfig(method="hqq", group_size=32)
@@ -138,9 +142,9 @@ def test_missing_hqq_package_names_the_extra_before_weights(
     )
     with monkeypatch.context() as m:
         m.setattr(modeling_utils, "convert_and_load_state_dict_in_model", lambda *a, **k: pytest.fail("weights read"))
-        with pytest.raises(ImportError, match=r"pip install \"hf-ptq\[hqq\]\""):
+        with pytest.raises(ImportError, match=r"pip install -e \"\.\[hqq\]\" in your hf_ptq checkout"):
             AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=PtqConfig(method="hqq"))
-    with pytest.raises(ImportError, match=r"hf-ptq\[hqq\]"):
+    with pytest.raises(ImportError, match=r"\.\[hqq\]"):
         hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(method="hqq", group_size=32))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     ids = input_ids()
@@ -174,7 +178,7 @@ def test_float_zero_points_run_on_the_packed_kernel(rows: int) -> None:
     if not kernels.packed_matmul_cpu_available():
         pytest.skip("hf_ptq's packed kernel needs AVX512-BF16 and a C compiler")
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(5)) * 0.05
-    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=64))
+    qw = hf_ptq.methods.method_spec("hqq").quantize_weight(w, PtqConfig(method="hqq", group_size=64).scheme, None)
     layer = QuantLinear(256, 96, False, 4, 64, False, dtype=torch.bfloat16, float_zero_point=True)
     layer.set_quantized(qw)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)

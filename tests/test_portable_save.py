@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from optional_extras import require_extra
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -19,7 +20,7 @@ import hf_ptq
 from hf_ptq import QuantLinear, W8A8Linear
 from hf_ptq.formats.model_card import build_model_card
 
-pytest.importorskip("compressed_tensors")
+pytestmark = pytest.mark.extra("compressed-tensors")
 
 PLAIN_READER = """
 import sys, torch
@@ -103,7 +104,7 @@ def test_hf_ptq_reloads_the_saved_model_on_its_kernels_with_checksums(saved, nam
 
 def test_a_model_compressed_tensors_cannot_express_keeps_hf_ptq_quant_method(tiny_llama_dir, tmp_path):
     """HQQ's float zero points: saved as quant_method "hf_ptq", and the model card says it needs hf_ptq, and why."""
-    pytest.importorskip("hqq")
+    require_extra("hqq")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=hf_ptq.PtqConfig(method="hqq"))
     model.save_pretrained(tmp_path / "q")
     block = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import hf_ptq
 from hf_ptq import kernels
 from hf_ptq.core import embeddings as core_embeddings
 from hf_ptq.core.embeddings import embedding_scheme, pack_rows
+from hf_ptq.core.scheme import WeightScheme
 from hf_ptq.evaluation import model_bytes
 from hf_ptq.nn import QuantEmbedding, QuantLinear, QuantOutputHead, TiedQuantHead
 from hf_ptq.nn import quant_embedding as qe
@@ -82,20 +82,21 @@ def test_config_round_trips_and_describes_the_option():
 
 
 def test_grid_choice():
-    assert embedding_scheme("int8", 576, 64, False) == (8, -1, True)
-    assert embedding_scheme("int4", 576, 64, False) == (4, 64, False)
-    assert embedding_scheme("int4", 576, 128, True) == (4, 64, True)  # 128 does not divide 576
-    assert embedding_scheme("int4", 4096, -1, False) == (4, 128, False)
-    assert embedding_scheme("int4", 96, 0, False) == (4, 32, False)
-    assert embedding_scheme("int4", 100, 128, False) == (4, -1, False)
+    assert embedding_scheme("int8", 576, 64, False) == WeightScheme(8, -1, True)
+    assert embedding_scheme("int4", 576, 64, False) == WeightScheme(4, 64, False)
+    assert embedding_scheme("int4", 576, 128, True) == WeightScheme(4, 64, True)  # 128 does not divide 576
+    assert embedding_scheme("int4", 4096, -1, False) == WeightScheme(4, 128, False)
+    assert embedding_scheme("int4", 96, 0, False) == WeightScheme(4, 32, False)
+    assert embedding_scheme("int4", 100, 128, False) == WeightScheme(4, -1, False)
 
 
 def test_cli_option_builds_the_config():
     from hf_ptq.cli import build_parser
     from hf_ptq.cli.common import config_from_args
+    from hf_ptq.cli.quantize import DEFAULT_METHOD
 
     args = build_parser().parse_args(["quantize", "--embeddings", "int4", "--group-size", "32"])
-    assert config_from_args(args.method, args, embedded=False).embeddings == "int4"
+    assert config_from_args(args.method or DEFAULT_METHOD, args, embedded=False).embeddings == "int4"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--embeddings", "int2"])
 
@@ -121,9 +122,9 @@ def test_lookup_equals_dequantize_then_index(fmt, sym):
 def test_packing_in_chunks_gives_the_same_tensors(monkeypatch):
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.bfloat16)
     for scheme in ((8, -1, True), (4, 32, False)):
-        whole = pack_rows(weight, core_embeddings.EmbeddingScheme(*scheme), torch.bfloat16)
+        whole = pack_rows(weight, WeightScheme(*scheme), torch.bfloat16)
         monkeypatch.setattr(core_embeddings, "CHUNK_ELEMENTS", 7 * HIDDEN)  # chunks of 7 rows
-        chunked = pack_rows(weight, core_embeddings.EmbeddingScheme(*scheme), torch.bfloat16)
+        chunked = pack_rows(weight, WeightScheme(*scheme), torch.bfloat16)
         monkeypatch.undo()
         assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
 
@@ -369,7 +370,7 @@ def test_embedding_tensors_are_checked_against_the_config(saved_int4, tmp_path):
 
 
 # --- exports -------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="needs compressed-tensors")
+@pytest.mark.extra("compressed-tensors")
 @pytest.mark.parametrize("tied", [True, False])
 def test_compressed_tensors_export_holds_the_dequantized_embeddings(tied, tmp_path):
     from test_export_compressed_tensors import LOADER
@@ -398,6 +399,7 @@ def test_compressed_tensors_export_holds_the_dequantized_embeddings(tied, tmp_pa
     assert torch.equal(foreign["weights"]["lm_head"], head.dequantized_weight())
 
 
+@pytest.mark.extra("gguf")
 def test_gguf_export_encodes_the_embedding_from_its_dequantized_weight(small_model_dir, tokenizer, tmp_path):  # noqa: F811
     config = hf_ptq.PtqConfig(bits=4, group_size=32, sym=True, embeddings="int8")
     model = AutoModelForCausalLM.from_pretrained(small_model_dir, quantization_config=config)

@@ -19,8 +19,8 @@ from transformers.quantizers import auto
 
 import hf_ptq
 from hf_ptq import PtqConfig, SmoothQuantConfig, SmoothQuantHfQuantizer
+from hf_ptq.core.cpu import cpu_has_fast_bf16
 from hf_ptq.core.quant import round_scale
-from hf_ptq.kernels import cpu_has_fast_bf16
 from hf_ptq.methods.gptq import GPTQ
 from hf_ptq.methods.smoothquant import (
     CLIP_GRID,
@@ -85,7 +85,15 @@ def test_smoothquant_is_not_a_weight_only_method() -> None:
 def test_defaults_and_gptq_options() -> None:
     cfg = SmoothQuantConfig()
     assert (cfg.alpha, cfg.activations, cfg.weight_method, cfg.method) == (0.5, "dynamic", "rtn", "smoothquant")
-    assert (cfg.bits, cfg.group_size, cfg.sym, cfg.damp_percent, cfg.true_sequential) == (8, -1, True, None, False)
+    scheme = cfg.scheme
+    assert (scheme.bits, scheme.group_size, scheme.sym, cfg.damp_percent, cfg.true_sequential) == (
+        8,
+        -1,
+        True,
+        None,
+        False,
+    )
+    assert not hasattr(cfg, "bits")  # the scheme is the one place the int8 grid is stated
     cfg = SmoothQuantConfig(weight_method="gptq", desc_act=False)
     assert cfg.method == "smoothquant_gptq" and cfg.true_sequential
     assert (cfg.damp_percent, cfg.desc_act, cfg.block_size, cfg.clip) == (0.01, False, 128, False)
@@ -296,7 +304,7 @@ def test_smoothing_alone_leaves_outputs_unchanged_and_balances_maxima(family_nam
             continue
         stats = SmoothQuantStats(weight.shape[1])
         stats.amax = maxima[group.prev]
-        s = smooth(weight, cfg, stats)
+        s = smooth(weight, cfg.scheme, cfg.options, stats)
         assert not torch.allclose(s, torch.ones_like(s))
         fold_into_producer(block, group, layout, s)
         for m in consumers:
@@ -314,7 +322,7 @@ def without_smoothing(monkeypatch) -> None:
     from hf_ptq import methods
 
     spec = methods.method_spec("smoothquant")
-    monkeypatch.setitem(methods._METHODS, "smoothquant", dataclasses.replace(spec, smooth=None))
+    monkeypatch.setitem(methods.METHODS, "smoothquant", dataclasses.replace(spec, smooth=None))
 
 
 def add_activation_outliers_(model: nn.Module, factor: float = 50.0) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optional_extras import require_extra
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -179,7 +180,7 @@ def test_unsupported_compressed_tensors_format_is_refused_naming_the_field(tmp_p
 
 
 def test_unsupported_format_goes_to_transformers_loader_when_its_package_is_installed(tmp_path, monkeypatch):
-    pytest.importorskip("compressed_tensors")
+    require_extra("compressed-tensors")
     from transformers.quantizers import auto
 
     monkeypatch.setattr(auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"], "original", _TransformersQuantizer)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optional_extras import require_extra
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -310,7 +311,7 @@ def test_awq_gemm_checkpoint_dequantizes_to_the_reference_weights(tmp_path, zero
 def test_awq_reader_agrees_with_compressed_tensors_autoawq_converter(tmp_path):
     """compressed-tensors ships a converter of AutoAWQ GEMM tensors; on the same tensors it gives the integers and
     zero points hf_ptq's loader gives."""
-    converters = pytest.importorskip("compressed_tensors.entrypoints.convert.converters.autoawq")
+    converters = require_extra("compressed-tensors", "compressed_tensors.entrypoints.convert.converters.autoawq")
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 

@@ -13,6 +13,10 @@ import logging
 
 import torch
 from torch import nn
+from transformers.utils.logging import tqdm
+
+from ..core.devices import input_device
+from ..core.progress import TokenProgress
 
 logger = logging.getLogger("hf_ptq")
 
@@ -28,14 +32,6 @@ def _bos_id(model: nn.Module) -> int:
             if value is not None:
                 return int(value)
     return 0
-
-
-def input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings()
-    weight = getattr(embeddings, "weight", None)
-    if weight is None or weight.device.type == "meta":  # offloaded: accelerate moves inputs itself
-        return torch.device("cpu")
-    return weight.device
 
 
 @torch.no_grad()
@@ -74,12 +70,17 @@ def sample_from_model(
         logger.info("hf_ptq: %s cannot generate; calibrating on random token ids.", type(model).__name__)
         return list(torch.randint(0, vocab, (count, seq_len), generator=generator))
     piece_len = min(piece_len, seq_len)
-    pieces, produced = [], 0
+    batches, produced = [], 0  # rows of each generate call
+    while produced < total:
+        batches.append(min(parallel, -(-(total - produced) // piece_len)))
+        produced += batches[-1] * piece_len
+    pieces = []
     bos, device = _bos_id(model), input_device(model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    bar = tqdm(total=produced, desc="hf_ptq calibration: sampling text from the model", unit="token")
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        while produced < total:
-            n = min(parallel, -(-(total - produced) // piece_len))
+        for n in batches:
+            bar.update(n)  # the BOS token of each row
             start = torch.full((n, 1), bos, dtype=torch.long, device=device)
             out = model.generate(
                 start,
@@ -91,8 +92,8 @@ def sample_from_model(
                 max_new_tokens=piece_len - 1,
                 min_new_tokens=piece_len - 1,
                 pad_token_id=bos,
+                stopping_criteria=[TokenProgress(bar)],
             )
             pieces.append(out.cpu().reshape(-1))
-            produced += out.numel()
     flat = torch.cat(pieces)[:total]
     return list(flat.reshape(count, seq_len))

@@ -5,12 +5,17 @@ Each subcommand is a module with `NAME`, `HELP`, `add_arguments(parser)` and `ru
 existing output folder, a missing package, a path that cannot be read or written: OSError) print one line and exit
 with status 2; any other exception is a bug and keeps its traceback. Ctrl-C exits with 130 and leaves no partial
 output folder (outputs are written to a staging folder and renamed).
+
+The parsers are built from plain data and the command modules import torch, transformers and hf_ptq's heavy parts
+only in `run`. `hf_ptq/__init__.py` calls `answer_early()` first thing, so in an `hf-ptq` process (or `python -m
+hf_ptq.cli`, `optimum-cli ptq`) help and usage errors are answered before the package imports transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import compare, evaluate, export, push, quantize, verify
 
@@ -29,6 +34,32 @@ def build_parser(prog: str = "hf-ptq") -> argparse.ArgumentParser:
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
+
+
+def launched_as_cli() -> tuple[str, list[str]] | None:
+    """(prog, arguments) when this process was started as `hf-ptq`, `python -m hf_ptq.cli` or `optimum-cli ptq`;
+    None otherwise (hf_ptq imported as a library)."""
+    argv = getattr(sys, "argv", None) or [""]
+    name = Path(argv[0]).name.removesuffix(".exe")
+    if name == "hf-ptq":
+        return "hf-ptq", argv[1:]
+    if name == "optimum-cli" and argv[1:2] == ["ptq"]:
+        return "optimum-cli ptq", argv[2:]
+    orig = getattr(sys, "orig_argv", [])
+    if argv[0] == "-m" and "-m" in orig:  # `python [options] -m hf_ptq.cli ...` (argv[0] is "-m" while it imports)
+        i = orig.index("-m")
+        if orig[i + 1 : i + 2] == ["hf_ptq.cli"]:
+            return "hf-ptq", orig[i + 2 :]
+    return None
+
+
+def answer_early() -> None:
+    """In a CLI process, parse the command line now: `--help` and usage errors print and exit here, before
+    torch and transformers are imported; a complete command line returns (and `main` parses it again)."""
+    launched = launched_as_cli()
+    if launched is not None:
+        prog, arguments = launched
+        build_parser(prog).parse_args(arguments)
 
 
 def error_line(err: BaseException) -> str:

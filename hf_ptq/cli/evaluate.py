@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .common import add_eval_arguments, eval_options, thresholds
+from .models import resolve_model
 
 NAME = "eval"
 HELP = "measure a saved model: perplexity, KL / top-1 vs a reference, speed, memory, size, checklist"
@@ -20,11 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import hf_ptq
-
     options = eval_options(args)
     limits = thresholds(args)
-    result = hf_ptq.evaluate(args.model, reference=args.reference, **options)
+    model = resolve_model(args.model)
+    reference = None if args.reference is None else resolve_model(args.reference, "--reference ")
+    from ..evaluation import evaluate
+
+    result = evaluate(model, reference=reference, **options)
     print(f"\nEvaluation: {result.data}; {result.windows} window(s), {result.tokens_scored} tokens scored.\n")
     print(result.to_markdown(limits))
     if args.reference is None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..formats.export import format_names
-from ..formats.gguf_types import EMBEDDING_TYPES, GGUF_TYPES
+from . import choices
+from .models import local_folder, resolve_model
 
 NAME = "export"
 HELP = "write a saved quantized model as compressed-tensors, GGUF or GPTQ (for vLLM, llama.cpp, ...)"
@@ -18,19 +18,19 @@ HELP = "write a saved quantized model as compressed-tensors, GGUF or GPTQ (for v
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR", help="folder written by `hf-ptq quantize` or save_pretrained")
-    parser.add_argument("--format", required=True, choices=format_names(), help="export format")
+    parser.add_argument("--format", required=True, choices=choices.EXPORT_FORMATS, help="export format")
     parser.add_argument("--out", help="output folder (default: DIR-<format>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--gguf-type",
         default="auto",
-        choices=GGUF_TYPES,
+        choices=choices.GGUF_TYPES,
         help="GGUF types: llama.cpp's preset (default auto: the exact fit)",
     )
     parser.add_argument(
         "--gguf-embeddings",
         default="preset",
-        choices=EMBEDDING_TYPES,
+        choices=choices.GGUF_EMBEDDINGS,
         help="GGUF token embedding and output: as the preset quantizes them (default) or f16",
     )
     parser.add_argument(
@@ -49,21 +49,28 @@ def export_options(args: argparse.Namespace) -> dict:
     return {"checkpoint_format": args.checkpoint_format} if args.format == "gptq" else {}
 
 
-def run(args: argparse.Namespace) -> int:
-    import hf_ptq
-    from hf_ptq.folders import check_output_folder
+def saved_model_folder(text: str) -> Path:
+    """`text` as a folder holding a saved model; ValueError naming it otherwise."""
+    folder = local_folder(text)
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{text} is not a saved model folder (no config.json)")
+    return folder
 
-    if not (Path(args.model) / "config.json").exists():
-        raise ValueError(f"{args.model} is not a saved model folder (no config.json)")
+
+def run(args: argparse.Namespace) -> int:
+    from ..folders import check_output_folder
+
+    saved_model_folder(args.model)
     out = check_output_folder(args.out or f"{str(args.model).rstrip('/')}-{args.format}", args.overwrite, "--out")
     tokenizer = None
     if args.tokenizer:
+        name = resolve_model(args.tokenizer, "--tokenizer ")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    folder = hf_ptq.export(
-        args.model, out, args.format, tokenizer=tokenizer, overwrite=args.overwrite, **export_options(args)
-    )
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    from ..formats.export import export
+
+    folder = export(args.model, out, args.format, tokenizer=tokenizer, overwrite=args.overwrite, **export_options(args))
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     print(f"Exported {args.model} as {args.format} -> {folder} ({files})")
     return 0

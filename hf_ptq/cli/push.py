@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..formats.export import format_names
-from ..formats.gguf_types import EMBEDDING_TYPES, GGUF_TYPES
-from .export import export_options
+from . import choices
+from .export import export_options, saved_model_folder
 
 NAME = "push"
 HELP = "upload a saved quantized model to the Hub with a model card"
@@ -23,11 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--commit-message", help="commit message (default: names the method)")
     parser.add_argument(
-        "--format", choices=format_names(), help="upload this export instead of hf_ptq's checkpoint (see `export`)"
+        "--format",
+        choices=choices.EXPORT_FORMATS,
+        help="upload this export instead of hf_ptq's checkpoint (see `export`)",
     )
-    parser.add_argument("--gguf-type", default="auto", choices=GGUF_TYPES, help="with --format gguf: the block type")
     parser.add_argument(
-        "--gguf-embeddings", default="preset", choices=EMBEDDING_TYPES, help="with --format gguf: preset or f16"
+        "--gguf-type", default="auto", choices=choices.GGUF_TYPES, help="with --format gguf: the block type"
+    )
+    parser.add_argument(
+        "--gguf-embeddings", default="preset", choices=choices.GGUF_EMBEDDINGS, help="with --format gguf: preset or f16"
     )
 
 
@@ -47,22 +50,20 @@ def push_folder(folder: str | Path, repo: str, metrics: dict[str, Any] | None = 
     """Load the saved model and tokenizer from `folder` and upload them with hf_ptq's model card."""
     from transformers import AutoModelForCausalLM
 
-    import hf_ptq
-
     from ..formats.export import saved_tokenizer
+    from ..formats.hub import push_to_hub
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     if getattr(model.config, "quantization_config", None) is None:
         raise ValueError(f"{folder} holds no quantized model (no quantization_config in config.json)")
     tokenizer = saved_tokenizer(folder)
-    info = hf_ptq.push_to_hub(model, repo, metrics=metrics, tokenizer=tokenizer, **kwargs)
+    info = push_to_hub(model, repo, metrics=metrics, tokenizer=tokenizer, **kwargs)
     print(f"Pushed {folder} to https://huggingface.co/{repo}")
     return info
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (Path(args.model) / "config.json").exists():
-        raise ValueError(f"{args.model} is not a saved model folder (no config.json)")
+    saved_model_folder(args.model)
     metrics = read_metrics(args.metrics) if args.metrics else None
     options = export_options(args) if args.format else {}
     push_folder(

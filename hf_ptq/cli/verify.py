@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .models import local_folder
+
+    local_folder(args.model)
     from ..formats.verify import verify
 
     print(verify(args.model, checksums=not args.no_checksums).summary())

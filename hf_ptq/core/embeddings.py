@@ -7,51 +7,42 @@ of 128, 64, 32 that divides it (every one of them runs on the packed int4 CPU ke
 when the config is (`sym=True`, SmoothQuant), else asymmetric as the config's other layers are.
 
 Rows are independent (no per-tensor granularity), so a [vocab, hidden] matrix is quantized `CHUNK_ELEMENTS` at a
-time: the fp32 working copies of a 128256 x 4096 embedding are never held whole (measured on SmolLM2's 49152 x 576:
-the peak above the packed result fell from about 290 MB, in chunks of 2^24 values, to a few tens of MB).
+time: the fp32 working copies of a 128256 x 4096 embedding are never held whole (measurement: docs/kernels.md,
+"Measurements behind the code").
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
 from .packing import pack_int32, packed_width
 from .quant import quantize
+from .scheme import WeightScheme
 
 EMBEDDING_FORMATS = ("int8", "int4")
 _INT4_GROUPS = (128, 64, 32)
 CHUNK_ELEMENTS = 1 << 20  # values quantized at a time (4 MB in fp32)
 
 
-class EmbeddingScheme(NamedTuple):
-    """The grid of one quantized embedding / head: as in `PtqConfig` (group_size -1: one scale per row)."""
-
-    bits: int
-    group_size: int
-    sym: bool
-
-
-def embedding_scheme(fmt: str, hidden: int, group_size: int, sym: bool) -> EmbeddingScheme:
+def embedding_scheme(fmt: str, hidden: int, group_size: int, sym: bool) -> WeightScheme:
     """The grid `fmt` ("int8" / "int4") gives rows of `hidden` values, with the config's `group_size` and `sym`."""
     if fmt == "int8":
-        return EmbeddingScheme(8, -1, True)
+        return WeightScheme(8, -1, True)
     if fmt != "int4":
         raise ValueError(f"embeddings={fmt!r} is not one of {', '.join(map(repr, EMBEDDING_FORMATS))}")
     if group_size > 0 and hidden % group_size == 0:
-        return EmbeddingScheme(4, group_size, sym)
-    return EmbeddingScheme(4, next((g for g in _INT4_GROUPS if hidden % g == 0), -1), sym)
+        return WeightScheme(4, group_size, sym)
+    return WeightScheme(4, next((g for g in _INT4_GROUPS if hidden % g == 0), -1), sym)
 
 
-def pack_rows(weight: torch.Tensor, scheme: EmbeddingScheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def pack_rows(weight: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """RTN-quantize `weight` [rows, hidden] with `scheme` and pack it as `QuantLinear` packs a Linear of
     (out, in) = (rows, hidden): `weight_packed`, `weight_scale` (in `scale_dtype`), `weight_zero_point` (asymmetric:
     packed along the rows) and `weight_shape`. The weight is rounded to `scale_dtype` first, so a weight streamed
     from a checkpoint in another dtype gives the same tensors as the model's own. Quantized `CHUNK_ELEMENTS` values
     at a time into the preallocated outputs: the working set stays a few MB above the packed result."""
     rows, hidden = weight.shape
-    bits, group_size, sym = scheme
+    bits, group_size, sym = scheme.bits, scheme.group_size, scheme.sym
     groups = 1 if group_size == -1 else hidden // group_size
     kw = {"device": weight.device}
     packed = torch.empty(rows, packed_width(hidden, bits), dtype=torch.int32, **kw)

@@ -34,7 +34,7 @@ def _checkpoint_mappings() -> list[tuple[int, int]]:
 
 def checkpoint_files_mapped() -> bool:
     """Whether a checkpoint file is memory-mapped in this process now. A walk that starts with none mapped holds no
-    float weight in one, so it can skip `release_file_pages`, which reads /proc/self/maps on every call (1-3 ms)."""
+    float weight in one, so it can skip `release_file_pages`, which reads /proc/self/maps on every call."""
     return sys.platform.startswith("linux") and bool(_checkpoint_mappings())
 
 
@@ -49,8 +49,7 @@ def trim_heap() -> None:
     """Return freed heap pages to the OS (glibc `malloc_trim`), so temporaries of one layer do not pile up in RSS.
 
     Quantizing layer after layer interleaves short-lived float temporaries with long-lived packed tensors; glibc
-    keeps the holes resident. Measured on SmolLM2-135M int8: peak RSS increase while loading 1.4x the quantized
-    size without, about 0.8x with.
+    keeps the holes resident (what it saves: docs/kernels.md, "Measurements behind the code").
     """
     if sys.platform.startswith("linux"):
         trim = getattr(_c_library(), "malloc_trim", None)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
+from ..core.install import extra_install
 from ..folders import check_output_folder, staged_folder
 from .memory import checkpoint_bytes
 from .report import comparison_markdown, machine_line
@@ -130,7 +131,7 @@ def compare(
         out_dir: folder for `report.md`, `comparison.png` (with matplotlib installed) and `results.json`, written
             all at once (an interrupted run leaves nothing); None writes nothing.
         thresholds: the checklist's targets (default `Thresholds()`).
-        plot: draw `comparison.png` (needs matplotlib: `pip install hf-ptq[plot]`).
+        plot: draw `comparison.png` (needs matplotlib: the `plot` extra).
         eval_options: `evaluate`'s `data`, `text_column`, `max_length`, `stride`, `max_windows`, `speed`,
             `new_tokens`, `speed_repeats`, `tasks`, `task_limit`.
     """
@@ -139,8 +140,6 @@ def compare(
     thresholds = thresholds or Thresholds()
     if out_dir is not None:
         check_output_folder(out_dir, overwrite, field="out_dir")
-    import hf_ptq  # noqa: F401  (registers the hf_ptq quantizer)
-
     if model is None:
         from ..default_model import smollm2_checkpoint
 
@@ -176,7 +175,7 @@ def compare(
                 plot_comparison([ref_stats] + [r.model for r in results.values()], staging / PLOT, title)
                 plot_name = PLOT
             except ImportError:
-                logger.warning("hf_ptq compare: matplotlib is not installed, no plot (pip install 'hf-ptq[plot]')")
+                logger.warning("hf_ptq compare: matplotlib is not installed, no plot (%s)", extra_install("plot"))
         comparison.markdown = comparison_markdown(title, setup, ref_stats, results, thresholds, plot_name)
         (staging / REPORT).write_text(comparison.markdown + "\n", encoding="utf-8")
         payload = {"model": str(model), "reference": ref_stats.__dict__, "setup": setup}

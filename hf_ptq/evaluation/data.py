@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils.logging import tqdm
+
+from ..core.progress import TokenProgress
 
 SELF_WRITTEN_PROMPTS = (
     "Write a short story about a lighthouse keeper.",
@@ -102,7 +105,9 @@ def self_written_ids(
     mask = torch.zeros_like(batch)
     for i, r in enumerate(rows):  # left padding: every prompt ends where generation starts
         batch[i, width - r.numel() :], mask[i, width - r.numel() :] = r, 1
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    total = len(rows) * tokens_per_prompt
+    bar = tqdm(total=total, desc="hf_ptq eval text: sampling it from the model", unit="token")
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(
             batch.to(device),
@@ -113,5 +118,6 @@ def self_written_ids(
             top_p=0.95,
             temperature=0.8,
             pad_token_id=pad,
+            stopping_criteria=[TokenProgress(bar)],
         )
     return out[:, width:].reshape(-1).cpu()

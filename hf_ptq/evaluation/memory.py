@@ -87,6 +87,36 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(tree_bytes(t, seen) for t in tensors)
 
 
+def full_precision_weights(model: torch.nn.Module) -> tuple[dict[str, int], str]:
+    """({part: bytes}, dtype name) of the weights `model` keeps in floating point, quantized or not: "embedding",
+    "lm_head" (its own; "embedding and lm_head (tied)" when shared) and "N other layers" (Linears left whole: norms
+    and biases are not counted). Quantized layers hold integer tensors and no float `weight` parameter."""
+    seen: set[int] = set()
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parts: dict[str, int] = {}
+    others, other_bytes, dtypes = 0, 0, set()
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None or not weight.is_floating_point() or weight.dim() < 2:
+            continue
+        size = tree_bytes(weight, seen)
+        if size == 0:  # shared with a part counted before (a tied lm_head)
+            if module is outputs and "embedding" in parts:
+                parts["embedding and lm_head (tied)"] = parts.pop("embedding")
+            continue
+        dtypes.add(str(weight.dtype).removeprefix("torch."))
+        if module is inputs:
+            parts["embedding"] = size
+        elif module is outputs:
+            parts["lm_head"] = size
+        else:
+            others, other_bytes = others + 1, other_bytes + size
+    if others:
+        parts[f"{others} other layer{'s' * (others != 1)}"] = other_bytes
+    return parts, "/".join(sorted(dtypes))
+
+
 def _safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))

@@ -1,5 +1,5 @@
 """The comparison plot: perplexity against checkpoint size, and prefill / decode tokens/s bars (matplotlib, an
-optional extra: `pip install hf-ptq[plot]`)."""
+optional extra `plot`)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,14 @@ def checklist_table(results: dict[str, EvalResult], thresholds: Thresholds) -> s
             continue
         cells = [f"{c.verdict} ({c.value})" for c in result.checklist(thresholds)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    whys = [
+        f"- {name}, {c.name}: {c.why}"
+        for name, result in results.items()
+        if not result.model.error
+        for c in result.checklist(thresholds)
+        if c.why
+    ]
+    return "\n".join(lines + ([""] + whys if whys else []))
 
 
 def comparison_markdown(

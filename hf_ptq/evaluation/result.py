@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 MB = 2**20
+NO_REFERENCE = "needs a reference model (the unquantized one) to compare with"
 
 
 @dataclass
@@ -17,6 +18,8 @@ class ModelStats:
     loaded it) and run it for the speed measurements (CUDA allocations on a GPU, process RSS on CPU).
     checkpoint_bytes: its safetensors files on disk (a model held in memory: the bytes `save_pretrained` writes).
     downstream: {lm-eval task: accuracy in [0, 1]}.
+    full_precision: {part: bytes} of the weights kept in floating point (`full_precision_dtype`): "embedding",
+    "lm_head", "N other layers". busy_cores: CPU cores other processes used while the speed was timed.
     """
 
     name: str
@@ -30,6 +33,9 @@ class ModelStats:
     quantize_seconds: float | None = None
     downstream: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    full_precision: dict[str, int] = field(default_factory=dict)
+    full_precision_dtype: str = ""
+    busy_cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,14 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Check:
-    """One checklist row; `passed` is None when it could not be measured (`value` then says why)."""
+    """One checklist row; `passed` is None when it could not be measured. `why`: one line on what a FAIL or n/a
+    comes from ("" on a PASS)."""
 
     name: str
     value: str
     target: str
     passed: bool | None
+    why: str = ""
 
     @property
     def verdict(self) -> str:
@@ -149,37 +157,97 @@ class EvalResult:
         return sum(self.reference.downstream[t] - self.model.downstream[t] for t in common) / len(common)
 
     def checklist(self, thresholds: Thresholds | None = None) -> list[Check]:
-        """The four checks: perplexity increase, downstream drop, speed-up, memory."""
+        """The four checks: perplexity increase, downstream drop, speed-up, memory; each miss says why."""
         t = thresholds or Thresholds()
-        no_ref = "no reference model"
         ppl, drop, speed, mem = self.ppl_increase, self.downstream_drop, self.speedup, self.memory_ratio
-        why_drop = self.downstream_skipped or ("no tasks run" if self.reference else no_ref)
         return [
             Check(
                 "perplexity increase",
-                no_ref if ppl is None else f"{100 * ppl:+.1f} %",
+                "—" if ppl is None else f"{100 * ppl:+.1f} %",
                 f"< {100 * t.max_ppl_increase:g} %",
                 None if ppl is None else ppl < t.max_ppl_increase,
+                self._why_perplexity(ppl, t),
             ),
             Check(
                 "downstream accuracy drop",
-                why_drop if drop is None else f"{100 * drop:.1f} points",
+                "—" if drop is None else f"{100 * drop:.1f} points",
                 f"< {100 * t.max_downstream_drop:g} points",
                 None if drop is None else drop < t.max_downstream_drop,
+                self._why_downstream(drop, t),
             ),
             Check(
                 "decode speed-up",
-                (no_ref if self.reference is None else "speed not measured") if speed is None else f"{speed:.2f}x",
+                "—" if speed is None else f"{speed:.2f}x",
                 f">= {t.min_speedup:g}x",
                 None if speed is None else speed >= t.min_speedup,
+                self._why_speed(speed, t),
             ),
             Check(
                 "memory vs reference",
-                no_ref if mem is None else f"{mem:.3f}",
+                "—" if mem is None else f"{mem:.3f}",
                 f"<= {t.max_memory_ratio:.3g}",
                 None if mem is None else mem <= t.max_memory_ratio,
+                self._why_memory(mem, t),
             ),
         ]
+
+    def _why_perplexity(self, ppl: float | None, t: Thresholds) -> str:
+        if self.reference is None:
+            return NO_REFERENCE
+        if ppl is None:
+            return "perplexity not measured"
+        if ppl < t.max_ppl_increase:
+            return ""
+        return (
+            f"perplexity {self.model.perplexity:.2f} against {self.reference.perplexity:.2f}: the grid loses too "
+            "much; try more bits, a smaller group_size, or gptq / awq with calibration data"
+        )
+
+    def _why_downstream(self, drop: float | None, t: Thresholds) -> str:
+        if self.reference is None:
+            return NO_REFERENCE
+        if drop is None:
+            if self.downstream_skipped:
+                reason = self.downstream_skipped
+                return f"needs downstream data: {'offline' if reason.startswith('offline') else reason}"
+            return "needs downstream data: no tasks given (tasks=[...], --tasks)"
+        if drop < t.max_downstream_drop:
+            return ""
+        common = [k for k in self.model.downstream if k in self.reference.downstream]
+        task = max(common, key=lambda k: self.reference.downstream[k] - self.model.downstream[k])
+        before, after = self.reference.downstream[task], self.model.downstream[task]
+        return f"largest drop on {task}: {100 * before:.1f} % -> {100 * after:.1f} %"
+
+    def _why_speed(self, speed: float | None, t: Thresholds) -> str:
+        if self.reference is None:
+            return NO_REFERENCE
+        if speed is None:
+            return "speed not measured (speed=False)"
+        if speed >= t.min_speedup:
+            return ""
+        why = f"decode {self.model.decode_tokens_per_s:.1f} against {self.reference.decode_tokens_per_s:.1f} tokens/s"
+        busy = max((s.busy_cores or 0.0 for s in (self.model, self.reference)), default=0.0)
+        if busy >= 0.5:
+            why += f"; other processes used {busy:.1f} CPU cores while it was timed: measure on a quiet machine"
+        return why
+
+    def _why_memory(self, mem: float | None, t: Thresholds) -> str:
+        if self.reference is None:
+            return NO_REFERENCE
+        if mem is None:
+            return "memory not measured"
+        if mem <= t.max_memory_ratio:
+            return ""
+        parts, dtype = self.model.full_precision, self.model.full_precision_dtype or "full precision"
+        if not parts:
+            return "the quantized weights themselves take this much: use fewer bits (4-bit takes about 0.27x)"
+        names = " and ".join(parts)
+        plural = len(parts) > 1 or " and " in names or names.endswith("layers")
+        share = f"{sum(parts.values()) / MB:.1f} of {self.model.memory_bytes / MB:.1f} MiB"
+        why = f"{names} stay{'' if plural else 's'} {dtype} ({share})"
+        if any(p.startswith(("embedding", "lm_head")) for p in parts):
+            why += ": try embeddings='int8'"
+        return why
 
     def to_dict(self) -> dict:
         """JSON-safe numbers, including the derived ratios."""
@@ -258,6 +326,6 @@ def metric_rows(result: EvalResult) -> list[tuple[str, str, str]]:
 
 
 def checklist_markdown(checks: list[Check]) -> str:
-    lines = ["| check | measured | target | result |", "|---|---|---|---|"]
-    lines += [f"| {c.name} | {c.value} | {c.target} | {c.verdict} |" for c in checks]
+    lines = ["| check | measured | target | result | why |", "|---|---|---|---|---|"]
+    lines += [f"| {c.name} | {c.value} | {c.target} | {c.verdict} | {c.why} |" for c in checks]
     return "\n".join(lines)

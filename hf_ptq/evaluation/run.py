@@ -19,10 +19,10 @@ from transformers.utils.logging import tqdm
 from .data import data_ids, describe_data, self_written_ids
 from .divergence import DivergenceMeter
 from .downstream import run_tasks
-from .memory import PeakMemory, checkpoint_bytes, model_bytes, state_dict_bytes
+from .memory import PeakMemory, checkpoint_bytes, full_precision_weights, model_bytes, state_dict_bytes
 from .perplexity import causal_lm_logits, nll_sum, sliding_windows
 from .result import EvalResult, ModelStats
-from .speed import decode_tokens_per_s, prefill_tokens_per_s
+from .speed import CpuMonitor, decode_tokens_per_s, prefill_tokens_per_s
 
 DECODE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -142,9 +142,7 @@ class Evaluator:
         if self._ids is None:
             if self.options.data is None:
                 writer = self.reference if self.reference is not None else fallback
-                with tqdm(total=1, desc="hf_ptq eval text: sampling it from the reference model", unit="text") as bar:
-                    self._ids = self_written_ids(writer, self.tokenizer)
-                    bar.update()
+                self._ids = self_written_ids(writer, self.tokenizer)  # shows its own progress, in tokens
                 if self.reference is None:
                     self.data_description = "text written by the model itself (no data needed)"
             else:
@@ -170,20 +168,21 @@ class Evaluator:
     def measure_speed_and_memory(self, model: torch.nn.Module, stats: ModelStats) -> None:
         """Memory held, prefill tokens/s over the first window, decode tokens/s, and the peak memory of running."""
         stats.memory_bytes = model_bytes(model)
+        stats.full_precision, stats.full_precision_dtype = full_precision_weights(model)
         if not self.options.speed:
             return
         prefill = self.ids(model)[: self.options.max_length].reshape(1, -1)
         prompt = self.tokenizer(DECODE_PROMPT, return_tensors="pt").input_ids
-        bar = tqdm(total=2, desc=f"hf_ptq speed {stats.name}", unit="test")
-        with PeakMemory(model_device(model)) as peak:
-            stats.prefill_tokens_per_s = prefill_tokens_per_s(model, prefill, repeats=self.options.speed_repeats)
-            bar.update()
-            stats.decode_tokens_per_s = decode_tokens_per_s(
-                model, prompt, self.options.new_tokens, repeats=self.options.speed_repeats
-            )
-            bar.update()
-        bar.close()
+        repeats, new_tokens = self.options.speed_repeats, self.options.new_tokens
+        bar = tqdm(total=2 * (1 + repeats), desc=f"hf_ptq speed {stats.name}", unit="run")  # warm-up + repeats, twice
+        monitor = CpuMonitor().start()
+        with bar, PeakMemory(model_device(model)) as peak:
+            bar.set_postfix_str(f"prefill {prefill.numel()} tokens")
+            stats.prefill_tokens_per_s = prefill_tokens_per_s(model, prefill, repeats=repeats, step=bar.update)
+            bar.set_postfix_str(f"decode {new_tokens} tokens")
+            stats.decode_tokens_per_s = decode_tokens_per_s(model, prompt, new_tokens, repeats=repeats, step=bar.update)
         stats.peak_memory_bytes = stats.memory_bytes + peak.bytes
+        stats.busy_cores = monitor.stop()
 
     def measure_reference(self, fallback: torch.nn.Module) -> None:
         """The reference's speed, memory and tasks (once)."""
@@ -289,8 +288,6 @@ def evaluate(
         tasks=tuple(tasks) if isinstance(tasks, (list, tuple)) else tasks or (),
         task_limit=task_limit,
     )
-    import hf_ptq  # noqa: F401  (hf_ptq checkpoints need the registered quantizer to reload)
-
     tokenizer = resolve_tokenizer(tokenizer, model, reference)
     if is_source(model):
         model, stats = load_model(model, dtype)

@@ -15,32 +15,52 @@ import torch
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def best_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Shortest wall time of `repeats` calls of `fn`, after `warmup` untimed ones."""
+def _no_step() -> None:
+    pass
+
+
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: int, step: Callable[[], object] = _no_step) -> float:
+    """Shortest wall time of `repeats` calls of `fn`, after `warmup` untimed ones; `step()` after each call (outside
+    the timing: a progress bar's update)."""
     for _ in range(warmup):
         fn()
+        step()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
+        step()
     return best
 
 
 @torch.inference_mode()
-def prefill_tokens_per_s(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 3, warmup: int = 1) -> float:
-    """Tokens/s of one forward over `input_ids` [batch, seq] as `generate` runs it (KV cache, last logits only)."""
+def prefill_tokens_per_s(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    repeats: int = 3,
+    warmup: int = 1,
+    step: Callable[[], object] = _no_step,
+) -> float:
+    """Tokens/s of one forward over `input_ids` [batch, seq] as `generate` runs it (KV cache, last logits only);
+    `step()` after each of the `warmup + repeats` runs."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
-    seconds = best_seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats, warmup)
+    seconds = best_seconds(lambda: model(ids, use_cache=True, logits_to_keep=1), repeats, warmup, step)
     return ids.numel() / seconds
 
 
 @torch.inference_mode()
 def decode_tokens_per_s(
-    model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3, warmup: int = 1
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    warmup: int = 1,
+    step: Callable[[], object] = _no_step,
 ) -> float:
-    """New tokens/s of greedy `generate` from a (short) prompt [1, seq], forced to exactly `new_tokens` tokens."""
+    """New tokens/s of greedy `generate` from a (short) prompt [1, seq], forced to exactly `new_tokens` tokens;
+    `step()` after each of the `warmup + repeats` runs."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     kwargs = {
@@ -52,7 +72,8 @@ def decode_tokens_per_s(
     }
     for _ in range(warmup):  # a short generation warms the same code paths
         model.generate(ids, **(kwargs | {"max_new_tokens": min(new_tokens, 8), "min_new_tokens": min(new_tokens, 8)}))
-    seconds = best_seconds(lambda: model.generate(ids, **kwargs), repeats, 0)
+        step()
+    seconds = best_seconds(lambda: model.generate(ids, **kwargs), repeats, 0, step)
     return new_tokens / seconds
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..nn import QuantLinear
 from .checkpoint import write_checkpoint
-from .export import export_format
+from .export_formats import export_format
 from .layers import (
     float_linears,
     float_state_dict,

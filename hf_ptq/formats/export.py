@@ -1,15 +1,13 @@
 """`hf_ptq.export(model, out_dir, format=...)`: write a quantized model in a format other engines read.
 
-Formats are registered in `FORMATS` (a dict filled by the `export_format` decorator): each has a `check`, which
-raises ValueError before anything is written when the model cannot be exported (naming what is supported), and
-a `write` into an empty staging folder that is renamed into place only when complete.
+Formats are registered in `FORMATS` (`export_formats`: a dict filled by the `export_format` decorator): each has a
+`check`, which raises ValueError before anything is written when the model cannot be exported (naming what is
+supported), and a `write` into an empty staging folder that is renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,52 +15,19 @@ from torch import nn
 from transformers.utils import logging
 
 from ..folders import check_output_folder, staged_folder
+from . import compressed_tensors, gguf_file, gptq  # noqa: F401  (each registers its format)
+from .export_formats import FORMATS, ExportFormat
 from .layers import w8a8_layers, weight_only_methods
 
 logger = logging.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class ExportFormat:
-    """One export format: what it is, its keyword options, and how to check and write a model."""
-
-    name: str
-    summary: str  # one line: what it holds and who reads it
-    check: Callable[..., None]  # check(model, tokenizer, **options): raise ValueError when it cannot be exported
-    write: Callable[..., None]  # write(model, folder, tokenizer, **options) into an empty folder
-    options: tuple[str, ...] = ()
-    needs_tokenizer: bool = False
-    w8a8: bool = False  # holds W8A8 layers (SmoothQuantConfig: int8 weights and int8 activations)
-
-
-FORMATS: dict[str, ExportFormat] = {}
-
-
-def export_format(
-    name: str,
-    summary: str,
-    check: Callable[..., None],
-    options: tuple[str, ...] = (),
-    needs_tokenizer: bool = False,
-    w8a8: bool = False,
-):
-    """Decorator: register `write(model, folder, tokenizer, **options)` as the writer of format `name`."""
-
-    def wrap(write: Callable[..., None]) -> Callable[..., None]:
-        FORMATS[name] = ExportFormat(name, summary, check, write, options, needs_tokenizer, w8a8)
-        return write
-
-    return wrap
-
-
 def format_names() -> list[str]:
-    _load_builtin()
     return sorted(FORMATS)
 
 
 def format_spec(name: str) -> ExportFormat:
     """The registered format `name`; ValueError listing the formats otherwise."""
-    _load_builtin()
     if name not in FORMATS:
         listed = "; ".join(f"{n!r} ({FORMATS[n].summary})" for n in format_names())
         raise ValueError(f"export format={name!r} is unknown. Supported formats: {listed}.")
@@ -154,7 +119,3 @@ def saved_tokenizer(path: str | os.PathLike | None) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def _load_builtin() -> None:
-    from . import compressed_tensors, gguf_file, gptq  # noqa: F401  (register the formats)

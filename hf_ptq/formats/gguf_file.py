@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..core.install import extra_install
 from ..nn import QuantLinear
 from . import gguf_kquants, gguf_types
-from .export import export_format
+from .export_formats import export_format
 from .gguf_tokenizer import check_vocabulary, vocabulary_kind, write_tokenizer
 from .gguf_types import EMBEDDING_TYPES, GGUF_TYPES, PRESETS, TYPE_BITS
 from .layers import float_state_dict, quantized_layers, tied_output_embedding, vocab_rows
@@ -48,7 +49,7 @@ def _gguf():
     try:
         import gguf
     except ImportError as err:
-        raise ImportError("export(format='gguf') needs the gguf package: pip install 'hf-ptq[gguf]'") from err
+        raise ImportError(f"export(format='gguf') needs the gguf package: {extra_install('gguf')}") from err
     return gguf
 
 
@@ -324,7 +325,7 @@ def _llama3_rope_factors(cfg: Any) -> np.ndarray | None:
 
 def _write_metadata(writer: Any, model: nn.Module, p: GgufPlan, ways: Counter) -> None:
     gguf = _gguf()
-    from .. import __version__
+    from ..version import __version__
 
     cfg = model.config
     heads = cfg.num_attention_heads

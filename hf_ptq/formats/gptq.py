@@ -37,7 +37,7 @@ from ..core.packing import pack_int32
 from ..core.quant import qrange
 from ..nn import QuantLinear
 from .checkpoint import write_checkpoint
-from .export import export_format
+from .export_formats import export_format
 from .layers import float_linears, float_state_dict, quantized_layers, refuse_float_zero_points
 
 logger = logging.get_logger(__name__)
@@ -95,7 +95,7 @@ def _setting(cfg: Any, name: str, default: Any) -> Any:
 
 def quantization_config(model: nn.Module, checkpoint_format: str = "gptq") -> dict[str, Any]:
     """config.json's `quantization_config` (also written as quantize_config.json, where older loaders look)."""
-    from .. import __version__
+    from ..version import __version__
 
     layers = quantized_layers(model, FORMAT)
     bits, group_size, sym = layers[0][1].bits, layers[0][1].group_size, layers[0][1].sym

@@ -33,7 +33,7 @@ This model was quantized with [hf_ptq](https://pypi.org/project/hf-ptq/): **{sum
 # How to load each upload: hf_ptq's own checkpoint, or an export (see hf_ptq.export and docs/export.md).
 _HOW_TO_LOAD = {
     None: """```bash
-pip install hf-ptq
+pip install hf-ptq  # not on the package index yet: pip install -e . in a checkout of hf_ptq
 ```
 
 ```python
@@ -142,7 +142,7 @@ def build_model_card(
     if metrics:
         rows = "\n".join(f"| {name} | {value} |" for name, value in metrics.items())
         metric_text = f"\n## Measured quality\n\n| metric | value |\n|---|---|\n{rows}\n"
-    tags = ["hf-ptq", "quantized", f"{cfg.bits}-bit", cfg.method] + ([format] if format else [])
+    tags = ["hf-ptq", "quantized", f"{cfg.scheme.bits}-bit", cfg.method] + ([format] if format else [])
     data = ModelCardData(library_name="transformers", tags=tags)
     gguf_file = next((f for f in files if f.endswith(".gguf")), "model.gguf")
     text = _TEMPLATE.format(
@@ -150,9 +150,9 @@ def build_model_card(
         title=f"{repo_id.split('/')[-1]}",
         summary=cfg.describe(),
         method=cfg.method,
-        bits=cfg.bits,
-        group_size=_group_text(cfg.group_size),
-        sym=cfg.sym,
+        bits=cfg.scheme.bits,
+        group_size=_group_text(cfg.scheme.group_size),
+        sym=cfg.scheme.sym,
         embeddings=_embeddings_text(model, format),
         skipped=", ".join(f"`{m}`" for m in sorted(_kept(model))) or "none",
         base_model=base,

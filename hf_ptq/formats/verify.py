@@ -199,7 +199,7 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> VerifyReport:
     beside it first. Returns a `VerifyReport`; raises CheckpointError (a ValueError) naming what is wrong."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    from ..registration import refuse_unknown_own_method
+    from ..own_methods import refuse_unknown_own_method
 
     folder = Path(path)
     notes = recover_folder(folder)

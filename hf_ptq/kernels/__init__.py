@@ -1,13 +1,10 @@
 """Matmul kernels for packed weights, chosen per call by device, dtype, bit width and number of rows.
 
-Two CPU classes behave differently, so the choice depends on which one runs:
-- CPUs with native bf16 (AVX512-BF16 / AMX), measured on a 2-core one against bf16 `F.linear` (1536x576):
-  torch's int4 and int8 weight-only kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, bf16
-  activations) are about 2.5x faster for one row and about 3x slower for 512; bf16 dense matmuls are fast.
-- CPUs without it (e.g. AMD Zen 3, AVX2 only), measured on a 2-core one: a bf16 `F.linear` is 2x (1 row) to 10x
-  (512 rows) slower than fp32, the packed kernels with bf16 activations still beat every dense path for few rows
-  (0.15 ms against 0.22 ms bf16 / 1.7 ms dequantize + fp32 for 1536x576, one row), and with fp32 activations
-  they are 10-15x slower. So the dequantize path computes in fp32 there.
+Two CPU classes behave differently, so the choice depends on which one runs: on CPUs with native bf16 (AVX512-BF16
+/ AMX) bf16 dense matmuls are fast and torch's packed int4 / int8 weight-only kernels (bf16 activations) win for
+few rows and lose for many; on CPUs without it (e.g. AVX2 only) bf16 dense matmuls are slow, the packed kernels
+with bf16 activations still beat every dense path for few rows, and with fp32 activations they are slow. So the
+dequantize path computes in fp32 there. (The measurements: docs/kernels.md, "Measurements behind the code".)
 Both: the packed kernels run only with bf16 activations, for few rows; otherwise the weight is dequantized and a
 dense matmul runs. The dequantize path is always correct and is the reference the kernels are tested against. On
 CPU the dense weight of a 4- or 8-bit layer is built in one C pass from the packed codes (`dense_weight_cpu`,
@@ -16,16 +13,14 @@ act-order `g_idx` included), with the bits of the torch ops it replaces.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ..core.cpu import cpu_has_fast_bf16
 from . import native
 
 # Up to this many rows (tokens x batch) a layer runs its packed kernel; more rows dequantize and use a dense
@@ -49,15 +44,6 @@ def kernel_max_rows(bits: int, device_type: str = "cpu") -> int:
 _INT4_GROUP_SIZES = (256, 128, 64, 32)
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX), where bf16 compute is the fast path."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - torch without mkldnn
-        return False
-
-
 def compute_dtypes(setting: str, x: torch.Tensor) -> tuple[torch.dtype | None, torch.dtype]:
     """(dtype the packed kernels run in, None when they may not run; dtype of the dequantize path) for input x.
 
@@ -71,36 +57,6 @@ def compute_dtypes(setting: str, x: torch.Tensor) -> tuple[torch.dtype | None, t
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return torch.bfloat16, (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     return (x.dtype if x.dtype == torch.bfloat16 else None), x.dtype
-
-
-# --- thread counts for small work ---------------------------------------------------------------------------------
-# Every multi-threaded op waits for all its threads: on a loaded machine (2 cores, busy neighbours) that is a
-# scheduler time slice per op, milliseconds for an op of microseconds. Work too small to gain from more threads runs
-# inside `cpu_threads(1)`; what must run with the caller's count (LAPACK factorizations, whose bits depend on it, and
-# large ops) reads `full_thread_count()`.
-_FULL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("hf_ptq_full_threads", default=None)
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """Within: torch runs `count` intra-op threads (None: unchanged); `full_thread_count()` still answers the count
-    outside the outermost `cpu_threads`."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    token = _FULL_THREADS.set(_FULL_THREADS.get() or before)
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        _FULL_THREADS.reset(token)
-
-
-def full_thread_count() -> int:
-    """torch's thread count outside any `cpu_threads` section (the caller's count)."""
-    return _FULL_THREADS.get() or torch.get_num_threads()
 
 
 def int4_kernel_group(in_features: int, group_size: int) -> int | None:

@@ -3,7 +3,7 @@
 Why: some CPU work around torch's matmuls is a chain of memory-bound elementwise passes (W8A8's per-token
 activation quantization and int32 rescale: 6 and 4 torch ops per layer call). One C loop per chain reads and
 writes each element once; see `w8a8_cpu.c`. Nothing is built at install time: the first process that needs a
-library compiles it (about 0.2 s) into `<HF_PTQ_CACHE or ~/.cache/hf_ptq>/kernels/`, named by a hash of the source,
+library compiles it into `<HF_PTQ_CACHE or ~/.cache/hf_ptq>/kernels/`, named by a hash of the source,
 the compiler, the flags and the CPU (it is built for this CPU with -march=native); later processes load the file.
 
 Trust model: loading a library runs its code (its constructors first), and its name is computable by anyone, so
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from ..default_model import cache_root
+from ..folders.cache import cache_root
 
 logger = logging.getLogger(__name__)
 

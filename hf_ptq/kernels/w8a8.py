@@ -55,7 +55,7 @@ def int_mm_supported(device: torch.device) -> bool:
 def quantize_per_token(x: torch.Tensor, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [rows, in], scale fp32 [rows, 1]) with `x ≈ q * scale` for x [rows, in]: one scale per row,
     `scale = max|x_row| / 127`, `q = round_half_even(x * (127 / max|x_row|))` (no clamp needed: |q| <= 127).
-    Rows of zeros quantize to 0. One fp32 copy of x, then in-place ops (measured 16% faster than dividing);
+    Rows of zeros quantize to 0. One fp32 copy of x, then in-place ops (faster than dividing: docs/kernels.md);
     the temporaries and q come from `workspace` when given."""
     xf = _buffer(workspace, "x", x, torch.float32)
     xf.copy_(x)
@@ -68,7 +68,7 @@ def quantize_per_token(x: torch.Tensor, workspace: Workspace | None = None) -> t
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """q int8 [rows, in] with `x ≈ q * scale` for x [rows, in] and a fixed fp32 scale [1]:
     `q = clamp(round_half_even(x * (1 / scale)), -127, 127)` (values beyond 127 * scale saturate; a product, not a
-    division, as the C loop computes it: 2x faster there)."""
+    division, as the C loop computes it, where it is the faster of the two)."""
     xf = _buffer(workspace, "x", x, torch.float32)
     xf.copy_(x)
     return _to_int8(xf.mul_(torch.reciprocal(scale)).round_().clamp_(-INT8_MAX, INT8_MAX), workspace)
@@ -234,7 +234,7 @@ def _c_kernels_for(x_dtype: torch.dtype, out_dtype: torch.dtype) -> _CKernels | 
 # SmolLM2-135M prefill of 512 tokens, 20-25% of the W8A8 layers' time (abs and fp32 copies of [512, 1536] took
 # 0.5 ms instead of 30 us). Each thread keeps one buffer per (name, dtype) instead, of at most
 # `WORKSPACE_ELEMENTS` elements; longer calls run in row chunks that fit. At most about 13 bytes x
-# WORKSPACE_ELEMENTS (27 MB) per thread that runs W8A8 layers on CPU; `release_workspace()` frees them.
+# WORKSPACE_ELEMENTS (27 MB) per thread that runs W8A8 layers on CPU, for the life of the thread.
 WORKSPACE_ELEMENTS = 1 << 21
 
 
@@ -265,12 +265,6 @@ class Workspace(threading.local):
 
 
 _WORKSPACE = Workspace()  # a threading.local: each thread sees its own buffers
-
-
-def release_workspace() -> None:
-    """Free this thread's W8A8 temporaries (they are allocated again by the next W8A8 call)."""
-    _WORKSPACE.buffers.clear()
-    _WORKSPACE.views.clear()
 
 
 def _buffer(workspace: Workspace | None, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

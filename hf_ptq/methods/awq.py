@@ -15,19 +15,15 @@ output error over the same inputs (the group's block of the Gram matrix), and th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..core.clip_search import clipped_qparams
 from ..core.quant import QuantizedWeight, compute_qparams, fake_quantize, quantize, quantize_with
-from . import register_method
+from ..core.scheme import WeightScheme
 from .gptq import GPTQ
+from .options import AWQOptions
+from .registry import register_method
 
-if TYPE_CHECKING:
-    from ..config import PtqConfig
-
-AWQ_FIELDS = ("duo_scaling", "grid", "clip", "true_sequential", "full_range")
 _MIN_SCALE = 1e-4
 _CLIP_MIN_SHRINK = 0.55  # AWQ's clipping candidates: 1, 0.95, ..., 0.55
 _CLIP_STEPS = 9
@@ -76,14 +72,14 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Ten
     return ((d @ hessian) * d).sum().item()
 
 
-def _rounded(weight: torch.Tensor, s: torch.Tensor, config: PtqConfig, dtype: torch.dtype) -> torch.Tensor:
+def _rounded(weight: torch.Tensor, s: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype) -> torch.Tensor:
     """Q(W s) / s [out, in] fp32: W s stored in `dtype` (as the model will hold it), rounded with min/max ranges
     (the values `quantize` + `dequantize` give, without building the integer tensors)."""
     out_f, in_f = weight.shape
-    members = {0: out_f * in_f, -1: in_f}.get(config.group_size, config.group_size)
+    members = {0: out_f * in_f, -1: in_f}.get(scheme.group_size, scheme.group_size)
     grouped = (weight * s).to(dtype).float().reshape(-1, members)
-    scale, zero = compute_qparams(grouped.amin(1), grouped.amax(1), config.bits, config.sym, dtype, config.full_range)
-    approx = fake_quantize(grouped, scale[:, None], None if zero is None else zero[:, None], config.bits)
+    scale, zero = compute_qparams(grouped.amin(1), grouped.amax(1), scheme.bits, scheme.sym, dtype, scheme.full_range)
+    approx = fake_quantize(grouped, scale[:, None], None if zero is None else zero[:, None], scheme.bits)
     return approx.reshape(out_f, in_f).div_(s)
 
 
@@ -101,7 +97,8 @@ def search_scale(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     mean_abs: torch.Tensor,
-    config: PtqConfig,
+    scheme: WeightScheme,
+    options: AWQOptions,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """The AWQ scale s [in] (fp32) for weight [out, in] (the stacked Linears of one input), and every candidate's
@@ -113,35 +110,35 @@ def search_scale(
     w = weight.float()
     h = hessian.to(w.device, torch.float32)
     x_mean = mean_abs.to(w.device, torch.float32)
-    w_mean = _weight_profile(w, config.group_size) if config.duo_scaling else None
+    w_mean = _weight_profile(w, scheme.group_size) if options.duo_scaling else None
     ones = torch.ones(w.shape[1], device=w.device)
-    best, errors = ones, [_output_error(w, _rounded(w, ones, config, dtype), h)]
-    for i in range(config.grid):
-        alpha = i / config.grid
+    best, errors = ones, [_output_error(w, _rounded(w, ones, scheme, dtype), h)]
+    for i in range(options.grid):
+        alpha = i / options.grid
         s = x_mean.pow(alpha)
         if w_mean is not None:
             s = s / w_mean.pow(1 - alpha).clamp(min=_MIN_SCALE)
         s = s.clamp(min=_MIN_SCALE)
         s = s / (s.max() * s.min()).sqrt()
-        errors.append(_output_error(w, _rounded(w, s, config, dtype), h))
+        errors.append(_output_error(w, _rounded(w, s, scheme, dtype), h))
         if errors[-1] < min(errors[:-1]):
             best = s
     return best, errors
 
 
-def awq_smooth(weight: torch.Tensor, config: PtqConfig, stats: AWQStats) -> torch.Tensor | None:
+def awq_smooth(weight: torch.Tensor, scheme: WeightScheme, options: AWQOptions, stats: AWQStats) -> torch.Tensor | None:
     """`MethodSpec.smooth` for AWQ: the searched scale s [in], or None when no scaling is best."""
-    s, errors = search_scale(weight, stats.hessian, stats.mean_abs, config)
+    s, errors = search_scale(weight, stats.hessian, stats.mean_abs, scheme, options)
     return None if errors[0] <= min(errors[1:]) else s
 
 
-def clipped_rtn(weight: torch.Tensor, hessian: torch.Tensor, config: PtqConfig) -> QuantizedWeight:
+def clipped_rtn(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
     """Round weight [out, in] with each group's range shrunk to minimise its output error over inputs whose Gram
     matrix is `hessian` [in, in] (per-channel: the whole row; per-tensor scales are not searched)."""
     dtype = weight.dtype if weight.is_floating_point() else torch.float32
-    gs = config.group_size
+    gs = scheme.group_size
     if gs == 0:
-        return quantize(weight, config.bits, gs, config.sym, dtype, config.full_range)
+        return quantize(weight, scheme.bits, gs, scheme.sym, dtype, scheme.full_range)
     w = weight.float()
     h = hessian.to(w.device, torch.float32)
     members = w.shape[1] if gs == -1 else gs
@@ -150,31 +147,33 @@ def clipped_rtn(weight: torch.Tensor, hessian: torch.Tensor, config: PtqConfig) 
         cols = slice(g, g + members)
         scale, zero = clipped_qparams(
             w[:, cols],
-            config.bits,
-            config.sym,
+            scheme.bits,
+            scheme.sym,
             dtype,
             h[cols, cols],
             min_shrink=_CLIP_MIN_SHRINK,
             steps=_CLIP_STEPS,
-            full_range=config.full_range,
+            full_range=scheme.full_range,
         )
         scales.append(scale)
         zeros.append(zero)
     scale = torch.stack(scales, 1)
-    zero = None if config.sym else torch.stack(zeros, 1)
-    return QuantizedWeight(quantize_with(w, scale, zero, config.bits, gs), scale, zero, config.bits, gs)
+    zero = None if scheme.sym else torch.stack(zeros, 1)
+    return QuantizedWeight(quantize_with(w, scale, zero, scheme.bits, gs), scale, zero, scheme.bits, gs)
 
 
 @register_method(
     "awq",
-    "AWQ: activation-aware per-channel scales folded into the producing op, then clipped rounding (Lin et al., 2023)",
-    needs_calibration=True,
+    summary="AWQ: activation-aware per-channel scales folded into the producing op, then clipped rounding "
+    "(Lin et al., 2023)",
+    options=AWQOptions,
     statistics=AWQStats,
-    fields=AWQ_FIELDS,
     smooth=awq_smooth,
+    full_range=True,
 )
-def awq(weight: torch.Tensor, config: PtqConfig, stats: AWQStats) -> QuantizedWeight:
-    """Quantize weight [out, in] (already multiplied by the AWQ scale) with clipped or min/max ranges."""
-    if config.clip and stats.hessian is not None:
-        return clipped_rtn(weight, stats.hessian, config)
-    return quantize(weight, config.bits, config.group_size, config.sym, full_range=config.full_range)
+def awq(weight: torch.Tensor, scheme: WeightScheme, options: AWQOptions, stats: AWQStats | None) -> QuantizedWeight:
+    """Quantize weight [out, in] (already multiplied by the AWQ scale) with clipped or min/max ranges (min/max when
+    no calibration input reached the layer: `stats` None)."""
+    if options.clip and stats is not None and stats.hessian is not None:
+        return clipped_rtn(weight, stats.hessian, scheme)
+    return quantize(weight, scheme.bits, scheme.group_size, scheme.sym, full_range=scheme.full_range)

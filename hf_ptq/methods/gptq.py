@@ -14,26 +14,25 @@ Linears that share an input share `H`; GPTQ treats rows independently, so their 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.clip_search import clipped_qparams
+from ..core.cpu import cpu_has_fast_bf16, cpu_threads, full_thread_count
 from ..core.finite import non_finite_counts
 from ..core.quant import QuantizedWeight, compute_qparams, qrange
-from ..kernels import cpu_has_fast_bf16, cpu_threads, full_thread_count
-from . import register_method
-
-if TYPE_CHECKING:
-    from ..config import PtqConfig
+from ..core.scheme import WeightScheme
+from ..core.warn_once import warn_once
+from .options import GPTQOptions
+from .registry import register_method
+from .rtn import rtn
 
 logger = logging.getLogger("hf_ptq")
 
-GPTQ_FIELDS = ("desc_act", "static_groups", "damp_percent", "true_sequential", "block_size", "clip")
 DAMP_FLOOR = 0.01  # the first retry damps at least this much (GPTQ's default damp_percent)
 MAX_DAMP = 10.0  # the last retry: λ = 10 · mean(diag H), enough for any finite positive semi-definite H
 # A range search over fewer values than this ([candidates, rows, group members]) runs on one thread: its dozen ops
-# gain nothing from a second thread and, on a loaded machine, each would wait for one (see `kernels.cpu_threads`).
+# gain nothing from a second thread and, on a loaded machine, each would wait for one (see `core.cpu.cpu_threads`).
 SEARCH_PARALLEL_VALUES = 1 << 22
 SEARCH_CANDIDATES = 26  # shrink factors `clipped_qparams` evaluates by default
 
@@ -144,7 +143,8 @@ def inverse_hessian_factor(
                 del inverse
         if factorized and info.item() == 0:
             if damp != damp_percent:
-                logger.warning(
+                warn_once(
+                    logger,
                     "hf_ptq gptq: the Hessian was not positive definite with damp_percent=%g; used %g instead.",
                     damp_percent,
                     damp,
@@ -337,26 +337,28 @@ def _floats(qparams: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Te
 
 @register_method(
     "gptq",
-    "GPTQ: error-compensating rounding against calibration Hessians (Frantar et al., 2022)",
-    needs_calibration=True,
+    summary="GPTQ: error-compensating rounding against calibration Hessians (Frantar et al., 2022)",
+    options=GPTQOptions,
     statistics=GPTQ,
-    fields=(*GPTQ_FIELDS, "full_range"),
+    full_range=True,
 )
-def gptq(weight: torch.Tensor, config: PtqConfig, stats: GPTQ) -> QuantizedWeight:
-    """GPTQ of weight [out, in] with the Hessian accumulated in `stats` and the options of `config` (also a
-    `SmoothQuantConfig` with weight_method="gptq", which has no `full_range`: its int8 grid stays the usual one)."""
+def gptq(weight: torch.Tensor, scheme: WeightScheme, options: GPTQOptions, stats: GPTQ | None) -> QuantizedWeight:
+    """GPTQ of weight [out, in] on the grid of `scheme`, with the Hessian accumulated in `stats` (None: no
+    calibration input reached the layer, RTN)."""
+    if stats is None:
+        return rtn(weight, scheme)
     if stats.hessian is None:
         raise ValueError("gptq: no calibration input reached this layer")
     return gptq_quantize(
         weight,
         stats.hessian,
-        config.bits,
-        config.group_size,
-        config.sym,
-        damp_percent=config.damp_percent,
-        desc_act=config.desc_act,
-        static_groups=config.static_groups,
-        block_size=config.block_size,
-        clip=config.clip,
-        full_range=bool(getattr(config, "full_range", False)),
+        scheme.bits,
+        scheme.group_size,
+        scheme.sym,
+        damp_percent=options.damp_percent,
+        desc_act=options.desc_act,
+        static_groups=options.static_groups,
+        block_size=options.block_size,
+        clip=options.clip,
+        full_range=scheme.full_range,
     )

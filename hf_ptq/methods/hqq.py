@@ -9,18 +9,18 @@ needs neither the `hqq` package nor its modules to reload and run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.quant import QuantizedWeight
-from . import register_method
+from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..config import PtqConfig
+    from ..core.scheme import WeightScheme
 
 
-def check_hqq(config: PtqConfig) -> None:
+def check_hqq(config: Any) -> None:
     if config.group_size == 0:
         raise ValueError(
             "PtqConfig.group_size=0 (per-tensor) is invalid for method='hqq': HQQ optimizes one zero point per group "
@@ -30,14 +30,14 @@ def check_hqq(config: PtqConfig) -> None:
 
 @register_method(
     "hqq",
-    "HQQ: zero points optimized against an l_p weight error, no calibration data",
+    summary="HQQ: zero points optimized against an l_p weight error, no calibration data",
     defaults={"group_size": 64},
     check=check_hqq,
     requires=("hqq", "hqq"),
     float_zero_point=True,
-    sym=False,
+    forced_fields={"sym": False},
 )
-def hqq(weight: torch.Tensor, config: PtqConfig) -> QuantizedWeight:
+def hqq(weight: torch.Tensor, scheme: WeightScheme, options: None = None) -> QuantizedWeight:
     """Quantize weight [out, in] with HQQ's optimizer (`hqq.core.quantize.Quantizer`, its default settings).
 
     Returns signed q int8 [out, in], scale and float zero point [out, groups] in hf_ptq's convention
@@ -46,21 +46,21 @@ def hqq(weight: torch.Tensor, config: PtqConfig) -> QuantizedWeight:
     from hqq.core.quantize import Quantizer
 
     out_f, in_f = weight.shape
-    group = in_f if config.group_size == -1 else config.group_size
+    group = in_f if scheme.group_size == -1 else scheme.group_size
     q_u, meta = Quantizer.quantize(
         weight,
-        nbits=config.bits,
+        nbits=scheme.bits,
         channel_wise=True,
         group_size=group,
         optimize=True,
-        round_zero=config.bits == 4,  # hqq's own default (`hqq_base_quant_config`)
+        round_zero=scheme.bits == 4,  # hqq's own default (`hqq_base_quant_config`)
         axis=1,
         bitpack=False,
         device=weight.device,
     )
-    offset = 1 << (config.bits - 1)
+    offset = 1 << (scheme.bits - 1)
     groups = in_f // group
     q = (q_u.reshape(out_f, in_f).float() - offset).to(torch.int8)
     scale = meta["scale"].reshape(out_f, groups).to(weight.dtype)
     zero_point = (meta["zero"].float() - offset).reshape(out_f, groups).to(weight.dtype)
-    return QuantizedWeight(q, scale, zero_point, config.bits, config.group_size)
+    return QuantizedWeight(q, scale, zero_point, scheme.bits, scheme.group_size)

@@ -7,25 +7,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.quant import QuantizedWeight, quantize
-from . import register_method
+from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..config import PtqConfig
+    from ..core.scheme import WeightScheme
 
 
-@register_method("rtn", "round-to-nearest with min/max ranges, no calibration data", fields=("full_range",))
-def rtn(weight: torch.Tensor, config: PtqConfig) -> QuantizedWeight:
-    """Quantize weight [out, in] to `config.bits` with `config.group_size`, `config.sym` and `config.full_range`."""
-    return quantize(weight, config.bits, config.group_size, config.sym, full_range=config.full_range)
+@register_method("rtn", summary="round-to-nearest with min/max ranges, no calibration data", full_range=True)
+def rtn(weight: torch.Tensor, scheme: WeightScheme, options: None = None) -> QuantizedWeight:
+    """Quantize weight [out, in] on the grid of `scheme` with min/max ranges."""
+    return quantize(weight, scheme.bits, scheme.group_size, scheme.sym, full_range=scheme.full_range)
 
 
 @register_method(
     "int8",
-    "8-bit symmetric per-channel weights, as EETQ; runs on the int8 weight-only kernel",
-    bits=8,
-    group_size=-1,
-    sym=True,
+    summary="8-bit symmetric per-channel weights, as EETQ; runs on the int8 weight-only kernel",
+    forced_fields={"bits": 8, "group_size": -1, "sym": True},
 )
-def int8(weight: torch.Tensor, config: PtqConfig) -> QuantizedWeight:
+def int8(weight: torch.Tensor, scheme: WeightScheme, options: None = None) -> QuantizedWeight:
     """Per-output-channel symmetric int8: scale = max|w_row| / 127."""
     return quantize(weight, 8, -1, True)

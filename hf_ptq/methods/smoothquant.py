@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.quant import W8A8Weight, dequantize, qrange, quantize, quantize_with, round_scale
-from . import register_method
 from .gptq import GPTQ, gptq
+from .options import SmoothQuantOptions
+from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..smoothquant_config import SmoothQuantConfig
+    from ..core.scheme import WeightScheme
 
 logger = logging.getLogger("hf_ptq")
 
@@ -137,13 +138,15 @@ def clipped_input_scale(weight: torch.Tensor, stats: SmoothQuantStats, dtype: to
     return best[1]
 
 
-def smooth(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantStats) -> torch.Tensor | None:
+def smooth(
+    weight: torch.Tensor, scheme: WeightScheme, options: SmoothQuantOptions, stats: SmoothQuantStats
+) -> torch.Tensor | None:
     """Smoothing factors s [in] for the stacked weights [out, in] of the Linears sharing one input."""
     if stats.amax is None:
         return None
-    if config.alpha == "auto":
-        return search_alpha(weight, stats, config.static)
-    return smoothing_factors(stats.amax, weight.abs().amax(0).float(), config.alpha)
+    if options.alpha == "auto":
+        return search_alpha(weight, stats, options.static)
+    return smoothing_factors(stats.amax, weight.abs().amax(0).float(), options.alpha)
 
 
 @torch.no_grad()
@@ -171,43 +174,36 @@ def search_alpha(weight: torch.Tensor, stats: SmoothQuantStats, static: bool) ->
     return best[2]
 
 
-def smoothquant(weight: torch.Tensor, config: SmoothQuantConfig, stats: SmoothQuantStats) -> W8A8Weight:
-    """int8 weight (RTN or GPTQ, per output channel) and activation scheme for weight [out, in], already multiplied
-    by the smoothing factors; `stats` describe the smoothed input."""
-    if stats.amax is None:
-        return uncalibrated(weight, config)
-    qw = gptq(weight, config, stats) if config.weight_method == "gptq" else quantize(weight, 8, -1, True)
-    if config.activations == "dynamic":
+def smoothquant(
+    weight: torch.Tensor, scheme: WeightScheme, options: SmoothQuantOptions, stats: SmoothQuantStats | None
+) -> W8A8Weight:
+    """int8 weight (RTN or GPTQ, per output channel: `scheme`) and activation scheme for weight [out, in], already
+    multiplied by the smoothing factors; `stats` describe the smoothed input (None: no calibration input reached
+    the layer, `uncalibrated`)."""
+    if stats is None or stats.amax is None:
+        return uncalibrated(weight, scheme, options)
+    qw = gptq(weight, scheme, options.gptq, stats) if options.gptq is not None else quantize(weight, 8, -1, True)
+    if not options.static:
         return W8A8Weight(qw)
     return W8A8Weight(qw, clipped_input_scale(weight, stats, weight.dtype))
 
 
-def uncalibrated(weight: torch.Tensor, config: SmoothQuantConfig) -> W8A8Weight:
+def uncalibrated(weight: torch.Tensor, scheme: WeightScheme, options: SmoothQuantOptions) -> W8A8Weight:
     """A layer no calibration input reached: RTN int8 weight, no smoothing; a static input scale of 1.0 (inputs
     up to 127 in magnitude), as nothing tells its range."""
     qw = quantize(weight, 8, -1, True)
-    if config.activations == "dynamic":
+    if not options.static:
         return W8A8Weight(qw)
     logger.warning("hf_ptq smoothquant: no calibration input reached a layer; its static input scale is set to 1.0")
     return W8A8Weight(qw, torch.ones(1, device=weight.device))
 
 
 _SUMMARY = "SmoothQuant W8A8: int8 weights and activations, activation outliers folded into the weights"
-register_method(
-    "smoothquant",
-    _SUMMARY,
-    needs_calibration=True,
-    statistics=SmoothQuantStats,
-    activations=True,
-    smooth=smooth,
-    uncalibrated=uncalibrated,
-)(smoothquant)
+_SHARED = {"options": SmoothQuantOptions, "activations": True, "smooth": smooth}
+register_method("smoothquant", summary=_SUMMARY, statistics=SmoothQuantStats, **_SHARED)(smoothquant)
 register_method(
     "smoothquant_gptq",
-    _SUMMARY + " (GPTQ weights)",
-    needs_calibration=True,
+    summary=_SUMMARY + " (GPTQ weights)",
     statistics=partial(SmoothQuantStats, hessian=True),
-    activations=True,
-    smooth=smooth,
-    uncalibrated=uncalibrated,
+    **_SHARED,
 )(smoothquant)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..core.embeddings import EmbeddingScheme
 from ..core.packing import packed_width, unpack_int32, unpack_unsigned_bytes
 from ..core.quant import QuantizedWeight, dequantize
+from ..core.scheme import WeightScheme
 from .quant_linear import DequantizedWeightAttribute
 
 DENSE_CHUNK_ELEMENTS = 1 << 22  # values of the matrix the dense path dequantizes at a time (16 MB in fp32)
@@ -52,13 +52,13 @@ class PackedRows(DequantizedWeightAttribute):
         self,
         rows: int,
         cols: int,
-        scheme: EmbeddingScheme,
+        scheme: WeightScheme,
         dtype: torch.dtype = torch.bfloat16,
         compute_dtype: str = "auto",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        bits, group_size, sym = scheme
+        bits, group_size, sym = scheme.bits, scheme.group_size, scheme.sym
         if bits not in (4, 8) or group_size == 0 or (group_size > 0 and cols % group_size):
             raise ValueError(f"unsupported embedding grid {scheme} for rows of {cols} values")
         self.out_features, self.in_features = rows, cols
@@ -79,8 +79,8 @@ class PackedRows(DequantizedWeightAttribute):
         self._plans: dict[tuple, _Plan] = {}
 
     @property
-    def scheme(self) -> EmbeddingScheme:
-        return EmbeddingScheme(self.bits, self.group_size, self.sym)
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(self.bits, self.group_size, self.sym)
 
     # --- filling ---------------------------------------------------------------------------------------------
     def set_packed(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -230,7 +230,7 @@ class QuantEmbedding(PackedRows):
         self,
         num_embeddings: int,
         embedding_dim: int,
-        scheme: EmbeddingScheme,
+        scheme: WeightScheme,
         dtype: torch.dtype = torch.bfloat16,
         padding_idx: int | None = None,
         embed_scale: float | None = None,
@@ -263,7 +263,7 @@ class QuantOutputHead(PackedRows):
         in_features: int,
         out_features: int,
         bias: bool,
-        scheme: EmbeddingScheme,
+        scheme: WeightScheme,
         dtype: torch.dtype = torch.bfloat16,
         compute_dtype: str = "auto",
         device: torch.device | str | None = None,

@@ -207,8 +207,8 @@ class QuantLinear(DequantizedWeightAttribute):
         path's dtype.
 
         Decided once per input device and dtype, so that a decoding step's call does only the matmul: the checks
-        of a general forward cost more than the packed kernel itself for one row on a slow CPU (measured 86 us
-        per call against 39 us for the int4 kernel of a 576x576 layer).
+        of a general forward cost more than the packed kernel itself for one row on a slow CPU (docs/kernels.md,
+        "Measurements behind the code").
         """
         kernel_dtype, dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)
         device = x.device
@@ -249,8 +249,8 @@ class QuantLinear(DequantizedWeightAttribute):
         Byte-aligned values (4/8-bit) are read straight from the stored unsigned bytes `u` and turned into
         `(u - c) * scale` in fp32, with `c = 2^(b-1) + zero_point`: exact, so the one rounding to `dtype` gives exactly
         the reference weight. On CPU (bf16 / fp32) that is one C pass over the packed bytes
-        (`kernels.dense_weight_cpu`); elsewhere, or without the C kernels, the same fp32 ops in torch (about 7x
-        faster than the general unpack: measured 0.55 ms against 3.6 ms for a 1536x576 4-bit layer on one core).
+        (`kernels.dense_weight_cpu`); elsewhere, or without the C kernels, the same fp32 ops in torch (faster than
+        the general unpack: docs/kernels.md).
         Act-order layers (`weight_g_idx`) take each input channel's qparams from its group, in the natural channel
         order: the same weight, from the same packed buffer (no reordered copy), for the same matmul. Others
         (2/3-bit, float zero points with act-order) unpack fully.

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.embeddings import EmbeddingScheme, embedding_scheme, pack_rows
+from ..core.embeddings import embedding_scheme, pack_rows
 from ..core.finite import non_finite_counts
 from ..core.page_release import release_file_pages
+from ..core.scheme import WeightScheme
 from .quant_embedding import EMBEDDING_MODULES, QuantEmbedding, QuantOutputHead, TiedQuantHead
 
 
@@ -126,8 +127,8 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
 
 
-def _scheme(config: Any, hidden: int) -> EmbeddingScheme:
-    return embedding_scheme(config.embeddings, hidden, config.group_size, config.sym)
+def _scheme(config: Any, hidden: int) -> WeightScheme:
+    return embedding_scheme(config.embeddings, hidden, config.scheme.group_size, config.scheme.sym)
 
 
 def untie_mapping(model: nn.Module, names: set[str]) -> None:

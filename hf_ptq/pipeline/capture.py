@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.self_generated import input_device
+from ..core.devices import input_device
 
 
 class StopForward(Exception):

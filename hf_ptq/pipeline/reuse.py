@@ -49,25 +49,29 @@ class OutputStore:
         self._outputs: dict[str, dict[int, Any]] = {}
 
     @contextmanager
-    def serving(self, quantized: set[str], store: bool) -> Iterator[None]:
-        """Within: children finished once the Linears in `quantized` are, answer from the store; those not stored
-        yet run and (`store`) are stored."""
+    def replaying_finished_children(self, quantized: set[str], record: bool) -> Iterator[None]:
+        """Within: the children finished once the Linears in `quantized` are answer from the store; those not
+        recorded yet run, and are recorded when `record` (False on the last pass over the block)."""
         stubs = {}
         for child in self.children:
             if child.needs <= quantized:
                 module = self.block.get_submodule(child.name)
-                stubs[module] = self._reuse(child.name, module.forward, store)
+                stubs[module] = self._replay(child.name, module.forward, record)
         with patched_forwards(stubs):
             yield
 
-    def _reuse(self, name: str, forward, store: bool):
+    def clear(self) -> None:
+        """Drop every recorded output (the block is done)."""
+        self._outputs.clear()
+
+    def _replay(self, name: str, forward, record: bool):
         outputs = self._outputs.setdefault(name, {})
 
         def run(*args, **kwargs):
             if self.batch in outputs:  # a copy: the block may modify its children's outputs in place
                 return cast_tensors(outputs[self.batch], self.work_dtype, copy=True)
             out = forward(*args, **kwargs)
-            if store:
+            if record:
                 outputs[self.batch] = cast_tensors(out, self.dtype, copy=True)
             return out
 

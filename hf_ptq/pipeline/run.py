@@ -18,16 +18,17 @@ logger = logging.getLogger("hf_ptq")
 
 @torch.no_grad()
 def calibrate_and_quantize(
-    model: nn.Module, config, skip: list[str] | None, batches: list[torch.Tensor] | None
+    model: nn.Module, config, targets: list[str], batches: list[torch.Tensor] | None
 ) -> list[str]:
-    """Quantize `model` in place with the calibrated `config.method`; `batches=None`: calibrate on model samples."""
+    """Quantize the Linears `targets` of `model` in place with the calibrated `config.method`, then the embeddings
+    (`embeddings=`); `batches=None`: calibrate on model samples."""
     was_training = model.training
     model.eval()
     try:
         if batches is None:
             samples = sample_from_model(model, config.num_samples, config.seq_len)
             batches = make_batches(samples, config.batch_size)
-        names = quantize_blocks(model, config, batches, skip)
+        names = quantize_blocks(model, config, batches, targets)
         if getattr(config, "embeddings", None):
             names += quantize_embeddings(model, config)
     finally:

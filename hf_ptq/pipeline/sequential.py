@@ -27,20 +27,21 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import has_offloaded_params
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..calibration.self_generated import input_device
+from ..core.cpu import cpu_has_fast_bf16, cpu_threads
+from ..core.devices import input_device
 from ..core.finite import require_finite_activations, require_finite_weight
 from ..core.page_release import checkpoint_files_mapped, release_file_pages, trim_heap
-from ..kernels import cpu_has_fast_bf16, cpu_threads
+from ..core.warn_once import repeated_warnings_reported
 from ..methods import MethodSpec, method_spec
 from ..nn.quant_linear import keep_dense_weights
-from ..nn.replace import check_group_size, float_weight, linear_shape, quantizable_linears
+from ..nn.replace import float_weight, linear_shape
 from .blocks import find_blocks
 from .capture import BlockCall, StopForward, capture_inputs, no_cache_kwargs
 from .families import family_layout
@@ -114,7 +115,7 @@ def collect(
     store: OutputStore,
 ) -> list[object]:
     """Statistics of each group's input over all batches (run in `work_dtype`); each pass stops after the last
-    group's input. `store` must be serving: finished children are reused."""
+    group's input. Run inside `store.replaying_finished_children`: finished children are reused."""
     stats = [statistics(linear_shape(block.get_submodule(g[0]))[0]) for g in groups]
 
     def hook(index: int):
@@ -192,13 +193,13 @@ def quantize_group(
     with naming_layers([prefix + n for n in group]):
         if stats is None:
             logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
-            qw = (spec.uncalibrated or method_spec("rtn").quantize_weight)(stacked, config)
+            qw = spec.quantize_weight(stacked, config.scheme, config.options, None)
         else:
             s = None if smoother is None else smoother.smooth(group, stacked, stats)
             if s is not None:
                 stacked = (stacked.float() * s.to(stacked.device)).to(dtype)
                 stats.rescale(s)
-            qw = spec.quantize_weight(stacked, config, stats)
+            qw = spec.quantize_weight(stacked, config.scheme, config.options, stats)
     row = 0
     del stacked
     for name, module, weight in zip(group, modules, weights, strict=True):
@@ -243,15 +244,12 @@ def check_captured(hidden: list[torch.Tensor], model: nn.Module, prefix: str) ->
 
 @torch.no_grad()
 def quantize_blocks(
-    model: nn.Module, config, batches: list[torch.Tensor], skip: list[str] | None, desc: str | None = None
+    model: nn.Module, config, batches: list[torch.Tensor], targets: list[str], desc: str | None = None
 ) -> list[str]:
-    """Quantize every Linear of `model` not matched by `skip`, block by block; returns the quantized names."""
+    """Quantize the Linears `targets` (names, chosen and checked against the config by the quantizer before the
+    weights loaded) block by block; returns the quantized names."""
     spec = method_spec(config.method)
-    found = list(quantizable_linears(model, skip))
-    check_group_size(found, config.group_size)
-    targets = [n for n, _ in found]  # names only: a replaced float Linear must not stay referenced
-    threads = small_work_threads(model, [m for _, m in found], batches)
-    del found
+    threads = small_work_threads(model, [model.get_submodule(n) for n in targets], batches)
     with cpu_threads(threads):
         return _quantize_blocks(model, config, batches, targets, spec, desc)
 
@@ -271,9 +269,33 @@ def small_work_threads(model: nn.Module, linears: list[nn.Module], batches: list
     return 1 if rows * largest < SMALL_WORK_MACS else None
 
 
-def _quantize_blocks(
-    model: nn.Module, config, batches: list[torch.Tensor], targets: list[str], spec: MethodSpec, desc: str | None
-) -> list[str]:
+@dataclass
+class Walk:
+    """What a walk over the blocks carries from block to block: where the blocks are, the dtypes, the calibration
+    hidden states entering the next block ([batch, seq, dim] each, in the model's dtype) and the call arguments
+    of each block, the layouts discovered so far, and the unscaled groups already reported."""
+
+    model: nn.Module
+    spec: MethodSpec
+    config: object
+    prefix: str
+    blocks: nn.ModuleList
+    dtype: torch.dtype
+    work_dtype: torch.dtype
+    release_pages: bool
+    hidden: list[torch.Tensor]
+    calls: list[list[BlockCall]]
+    family: object
+    layouts: dict[tuple, BlockLayout] = field(default_factory=dict)
+    warned: set[tuple[str, ...]] = field(default_factory=set)
+
+    @property
+    def model_type(self) -> str | None:
+        return getattr(getattr(self.model, "config", None), "model_type", None)
+
+
+def start_walk(model: nn.Module, spec: MethodSpec, config, batches: list[torch.Tensor]) -> Walk:
+    """Capture block 0's inputs for every batch (checked finite) and fix the dtypes of the walk."""
     prefix, blocks = find_blocks(model)
     dtype = _float_dtype(blocks)
     work_dtype = calibration_dtype(model, dtype)
@@ -281,63 +303,83 @@ def _quantize_blocks(
     captured = capture_inputs(model, blocks, batches)
     check_captured(captured.hidden, model, prefix)
     captured.calls_to_dtype(work_dtype)  # masks, rotary tables: small, cast once
-    hidden = [h.to(dtype) for h in captured.hidden]  # [batch, seq, dim] each, kept in the model's dtype
-    captured.hidden = []  # replaced block by block in `hidden`
-    samples = sum(h.shape[0] for h in hidden)
-    layouts: dict[tuple, BlockLayout] = {}
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = family_layout(model_type)
-    warned: set[tuple[str, ...]] = set()  # groups already reported as quantized without scaling
+    hidden = [h.to(dtype) for h in captured.hidden]
+    captured.hidden = []  # replaced block by block in `walk.hidden`
+    family = family_layout(getattr(getattr(model, "config", None), "model_type", None))
+    return Walk(model, spec, config, prefix, blocks, dtype, work_dtype, release, hidden, captured.calls, family)
+
+
+def _quantize_blocks(
+    model: nn.Module, config, batches: list[torch.Tensor], targets: list[str], spec: MethodSpec, desc: str | None
+) -> list[str]:
+    walk = start_walk(model, spec, config, batches)
     done: list[str] = []
-    bar = tqdm(total=len(blocks), desc=desc or f"hf_ptq {config.method}", unit="block")
-    bar.set_postfix_str(f"{samples} samples")
-    for i, block in enumerate(blocks):
-        head = f"{prefix}.{i}."
-        names = [n[len(head) :] for n in targets if n.startswith(head)]
-        calls = captured.calls[i]
-        to_work_dtype(block, work_dtype, release)
-        quantized: set[str] = set()  # names (relative to the block) already quantized
-        store = OutputStore(block, [], dtype, work_dtype)
-        if names:
-            key = (type(block), tuple(names))
-            if key not in layouts:
-                layouts[key] = discover_layout(block, names, hidden[0].to(work_dtype), calls[0])
-            layout = layouts[key]
-            store.children = layout.children
-            stages = [[g] for g in layout.groups] if config.true_sequential else [layout.groups]
-            smoother = None
-            if spec.smooth is not None:
-                run_first = functools.partial(calls[0].run, block, hidden[0].to(work_dtype))
-                smoother = BlockSmoother(block, family, spec, config, run_first)
-            for stage in stages:
-                with store.serving(quantized, store=True), keep_dense_weights(block):
-                    stats = collect(block, stage, spec.statistics, hidden, calls, work_dtype, store)
-                for group, group_stats in zip(stage, stats, strict=True):
-                    quantize_group(block, group, group_stats, spec, config, dtype, smoother, head, release)
-                    quantized.update(group)
-            if smoother is not None:
-                smoother.warn_unscaled(warned, config.method, model_type)
-            for name in layout.uncalled:
-                quantize_group(block, [name], None, spec, config, dtype, prefix=head, release_pages=release)
+    with repeated_warnings_reported():  # a warning repeated per layer is said once, with its count at the end
+        bar = tqdm(total=len(walk.blocks), desc=desc or f"hf_ptq {config.method}", unit="block")
+        bar.set_postfix_str(f"{sum(h.shape[0] for h in walk.hidden)} samples")
+        for i, block in enumerate(walk.blocks):
+            head = f"{walk.prefix}.{i}."
+            names = [n[len(head) :] for n in targets if n.startswith(head)]
+            to_work_dtype(block, walk.work_dtype, walk.release_pages)
+            store = OutputStore(block, [], walk.dtype, walk.work_dtype)
+            quantized = calibrate_and_quantize_block(walk, i, names, store) if names else set()
             done += [head + n for n in names]
-        with store.serving(quantized, store=False), keep_dense_weights(block):
-            for b, call in enumerate(calls):
-                store.batch = b
-                hidden[b] = call.run(block, hidden[b].to(work_dtype)).to(dtype)
-        check_block_output(hidden, block, head[:-1])
-        del store
-        captured.calls[i] = []  # this block's arguments are no longer needed
-        block.to(dtype)
-        trim_heap()
-        bar.update(1)
-    bar.close()
-    del hidden, captured
-    quantized = set(done)
-    leftovers = [n for n in targets if n not in quantized]
+            propagate(walk, i, store, quantized)
+            bar.update(1)
+        bar.close()
+    dtype, release = walk.dtype, walk.release_pages
+    del walk
+    finished = set(done)
+    leftovers = [n for n in targets if n not in finished]
     if leftovers:
         quantize_outside_blocks(model, leftovers, spec, config, batches, dtype, release)
         done += leftovers
     return done
+
+
+def calibrate_and_quantize_block(walk: Walk, i: int, names: list[str], store: OutputStore) -> set[str]:
+    """Block i, stage by stage (`true_sequential`) or all at once: the statistics of each group's input on the
+    calibration batches, then the group quantized (after its scale is searched and folded, for methods that
+    smooth). Returns the names (relative to the block) quantized."""
+    block, calls, head = walk.blocks[i], walk.calls[i], f"{walk.prefix}.{i}."
+    spec, config, first = walk.spec, walk.config, walk.hidden[0].to(walk.work_dtype)
+    key = (type(block), tuple(names))
+    if key not in walk.layouts:
+        walk.layouts[key] = discover_layout(block, names, first, calls[0])
+    layout = walk.layouts[key]
+    store.children = layout.children
+    smoother = None
+    if spec.smooth is not None:
+        smoother = BlockSmoother(block, walk.family, spec, config, functools.partial(calls[0].run, block, first))
+    del first
+    quantized: set[str] = set()
+    for stage in [[g] for g in layout.groups] if config.true_sequential else [layout.groups]:
+        with store.replaying_finished_children(quantized, record=True), keep_dense_weights(block):
+            stats = collect(block, stage, spec.statistics, walk.hidden, calls, walk.work_dtype, store)
+        for group, group_stats in zip(stage, stats, strict=True):
+            quantize_group(block, group, group_stats, spec, config, walk.dtype, smoother, head, walk.release_pages)
+            quantized.update(group)
+    if smoother is not None:
+        smoother.warn_unscaled(walk.warned, config.method, walk.model_type)
+    for name in layout.uncalled:
+        quantize_group(block, [name], None, spec, config, walk.dtype, prefix=head, release_pages=walk.release_pages)
+        quantized.add(name)
+    return quantized
+
+
+def propagate(walk: Walk, i: int, store: OutputStore, quantized: set[str]) -> None:
+    """Run the (quantized) block i on every batch: its outputs, checked finite, become the next block's inputs;
+    then free what only block i needed and give freed heap back."""
+    block = walk.blocks[i]
+    with store.replaying_finished_children(quantized, record=False), keep_dense_weights(block):
+        for b, call in enumerate(walk.calls[i]):
+            store.batch = b
+            walk.hidden[b] = call.run(block, walk.hidden[b].to(walk.work_dtype)).to(walk.dtype)
+    store.clear()
+    check_block_output(walk.hidden, block, f"{walk.prefix}.{i}")
+    walk.calls[i] = []  # this block's arguments are no longer needed
+    block.to(walk.dtype)
+    trim_heap()
 
 
 def quantize_outside_blocks(

@@ -177,7 +177,7 @@ class BlockSmoother:
             return None
         if not producer_fits(self.block, entry, weight.shape[1]):
             return None
-        s = self.spec.smooth(weight, self.config, stats)
+        s = self.spec.smooth(weight, self.config.scheme, self.config.options, stats)
         if s is None:
             return None
         if not fold_checked(self.block, entry, self.layout, s, self.run_block):

@@ -23,8 +23,7 @@ from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
 from ..methods import method_spec, require_package
-from ..nn import quantizable_linears
-from .hf_quantizer import PtqHfQuantizer
+from .hf_quantizer import PtqHfQuantizer, register_backend
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -140,6 +139,7 @@ def restore_4bit_layout(model: torch.nn.Module) -> int:
     return restored
 
 
+@register_backend("bitsandbytes")
 class BnbHfQuantizer(PtqHfQuantizer):
     """`PtqHfQuantizer` for the bitsandbytes methods: transformers' bnb quantizer does the work (see module doc)."""
 
@@ -221,23 +221,3 @@ class BnbHfQuantizer(PtqHfQuantizer):
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None):
         restore_4bit_layout(model)  # bitsandbytes' dequantize reads the standard layout only
         return self._delegate._dequantize(model, dtype=dtype)
-
-
-@torch.no_grad()
-def quantize_loaded_model(model: PreTrainedModel, config: PtqConfig, skip: list[str]) -> BnbHfQuantizer:
-    """Quantize the Linears of an in-memory model with bitsandbytes, as `from_pretrained` would: swap in
-    `Linear4bit` / `Linear8bitLt` and run the same quantize op on each float weight. Returns the quantizer."""
-    quantizer = BnbHfQuantizer(config, pre_quantized=False)
-    require_package(method_spec(config.method))
-    originals = {name: module for name, module in quantizable_linears(model, skip)}
-    quantizer._process_model_before_weight_loading(model, dtype=model.dtype)
-    quantize_op = quantizer.get_quantize_ops()
-    for name, original in originals.items():
-        weight, bias, key = original.weight, original.bias, f"{name}.weight"
-        module = model.get_submodule(name)
-        module.train(original.training)  # bitsandbytes picks its CPU inference kernel in eval mode only
-        module.weight = quantize_op.convert({key: weight.detach()}, model=model, full_layer_name=key)[key]
-        if bias is not None:
-            module.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-    quantizer._process_model_after_weight_loading(model)
-    return quantizer

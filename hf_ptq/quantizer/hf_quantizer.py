@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger("hf_ptq")
 
+# `MethodSpec.backend` -> the `PtqHfQuantizer` subclass that runs that library's modules (`register_backend`)
+BACKEND_QUANTIZERS: dict[str, type[PtqHfQuantizer]] = {}
+
+
+def register_backend(backend: str):
+    """Class decorator: `cls` is the quantizer of the methods whose `MethodSpec.backend` is `backend`."""
+
+    def wrap(cls: type[PtqHfQuantizer]) -> type[PtqHfQuantizer]:
+        BACKEND_QUANTIZERS[backend] = cls
+        return cls
+
+    return wrap
+
 
 class PtqHfQuantizer(HfQuantizer):
     """Quantize-on-load for calibration-free methods, calibrate-after-load for calibrated ones (GPTQ); rebuilds
@@ -39,16 +52,15 @@ class PtqHfQuantizer(HfQuantizer):
     verify_checksums: bool | None = None  # None: as HF_PTQ_VERIFY_CHECKSUMS says (`formats.verify.checksums_on_load`)
     verify_report = None  # what the checks before loading a saved checkpoint found (`formats.verify.VerifyReport`)
     state_dict_to_save = None  # set by hf_ptq's `save_pretrained` when it is given a state dict
+    tokenizer = None  # for text calibration data; set by `quantize_in_memory` (None: config.tokenizer, else the repo's)
 
     def __new__(cls, quantization_config: PtqConfig | None = None, **kwargs):
         """transformers maps one quant_method ("hf_ptq") to one class: methods whose weights live in another library's
-        modules get that backend's subclass here (bitsandbytes: `hf_ptq.quantizer.bnb.BnbHfQuantizer`). Without a
-        config (`copy.deepcopy`), the class stays as it is."""
+        modules get that backend's subclass here (`BACKEND_QUANTIZERS`; bitsandbytes:
+        `hf_ptq.quantizer.bnb.BnbHfQuantizer`). Without a config (`copy.deepcopy`), the class stays as it is."""
         backend = None if quantization_config is None else method_spec(quantization_config.method).backend
-        if cls is PtqHfQuantizer and backend == "bitsandbytes":
-            from .bnb import BnbHfQuantizer
-
-            cls = BnbHfQuantizer
+        if cls is PtqHfQuantizer and backend is not None:
+            cls = BACKEND_QUANTIZERS[backend]
         return super().__new__(cls)
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -81,11 +93,11 @@ class PtqHfQuantizer(HfQuantizer):
         embeddings = getattr(cfg, "embeddings", None)
         if self.calibrating:  # float weights load normally; check what can fail before reading them
             targets = list(quantizable_linears(model, self.modules_to_not_convert))
-            check_group_size(targets, cfg.group_size)
+            check_group_size(targets, cfg.scheme.group_size)
             if embeddings:  # quantized after calibration, which runs with the float embedding and head
                 check_embedding_modules(model, embeddings)
-            self._batches = prepare_calibration(model, cfg)  # checked against the model; None: data-free
-            names = [n for n, _ in targets]
+            self._batches = prepare_calibration(model, cfg, self.tokenizer)  # checked; None: data-free
+            names = self._targets = [n for n, _ in targets]  # names only: no float Linear stays referenced
         else:
             names = self._replace_modules(model, dtype or model.dtype)
             if embeddings:
@@ -101,6 +113,45 @@ class PtqHfQuantizer(HfQuantizer):
         if not names:
             logger.warning("hf_ptq: no Linear layer to quantize was found; the model is left in full precision.")
         return model
+
+    @torch.no_grad()
+    def quantize_in_memory(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Quantize a model whose float weights are in memory by this quantizer's own loading hooks, as
+        `from_pretrained` runs them (`hf_ptq.quantize`): the before-hook swaps in the quantized modules, each float
+        weight goes through the quantize op that loading streams it through (calibrated methods: the after-hook
+        calibrates the float model), then the after-hook. Without calibration, an error puts the float modules back."""
+        self.validate_environment()
+        before = dict(model.named_modules())
+        try:
+            self.preprocess_model(model, dtype=model.dtype)
+            if not self.calibrating:
+                self._fill_swapped_modules(model, before)
+                if getattr(self, "non_finite", None) is not None:
+                    self.non_finite.raise_if_any()
+        except BaseException:
+            if not self.calibrating:
+                _put_back(model, before)
+                model.is_quantized = False
+            raise
+        self.postprocess_model(model)
+        model.hf_quantizer = self
+        return model
+
+    def _fill_swapped_modules(self, model: PreTrainedModel, before: dict[str, torch.nn.Module]) -> None:
+        """Give each module the before-hook swapped in what a checkpoint load would: the quantize op's tensors for
+        the weight of the float module it replaced, that module's other tensors (bias) as they are."""
+        quantize_op = self.get_quantize_ops()
+        for name, original in before.items():
+            new = _submodule_or_none(model, name)
+            if not name or new is None or new is original:
+                continue
+            key = f"{name}.weight"
+            if self.param_needs_quantization(model, key):
+                tensors = quantize_op.convert({key: original.weight.detach()}, model=model, full_layer_name=key)
+                for full_name, tensor in tensors.items():
+                    _set_tensor(model, full_name, tensor)
+            _take_remaining_tensors(new, original, name)
+            new.train(original.training)  # bitsandbytes picks its CPU inference kernel in eval mode only
 
     def _verify(self, model: PreTrainedModel, checkpoint_files: list[str] | None) -> None:
         """Check the checkpoint against the quantized modules just built from its config, before any weight is
@@ -141,7 +192,7 @@ class PtqHfQuantizer(HfQuantizer):
             self.non_finite.raise_if_any()
         if self.calibrating:
             batches, self._batches = self._batches, None
-            calibrate_and_quantize(model, self.quantization_config, self.modules_to_not_convert, batches)
+            calibrate_and_quantize(model, self.quantization_config, self._targets, batches)
         model.add_model_tags(self.model_tags())
         attach_model_methods(model)
         return model
@@ -183,3 +234,40 @@ class PtqHfQuantizer(HfQuantizer):
                     linear.bias.data.copy_(module.bias)
                 model.set_submodule(name, linear)
         return model
+
+
+def _submodule_or_none(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _set_tensor(model: torch.nn.Module, full_name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` where a checkpoint's `full_name` entry goes: a parameter (frozen) or a buffer of its module."""
+    module_name, _, attr = full_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = (
+            tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
+        )
+    else:
+        module._buffers[attr] = tensor
+
+
+def _take_remaining_tensors(new: torch.nn.Module, original: torch.nn.Module, name: str) -> None:
+    """The tensors of `new` still on the meta device (a bias) from `original`'s tensors of the same names."""
+    for attr, tensor in [*new.named_parameters(recurse=False), *new.named_buffers(recurse=False)]:
+        if not tensor.is_meta:
+            continue
+        source = getattr(original, attr, None)
+        if not isinstance(source, torch.Tensor) or source.is_meta:
+            raise RuntimeError(f"hf_ptq: {name}.{attr} was left unfilled while quantizing in memory")
+        _set_tensor(new, attr, source.detach())
+
+
+def _put_back(model: torch.nn.Module, before: dict[str, torch.nn.Module]) -> None:
+    """Restore every module swapped since `before` (name -> module), outermost first."""
+    for name in sorted(before, key=lambda n: n.count(".")):
+        if name and _submodule_or_none(model, name) is not before[name]:
+            model.set_submodule(name, before[name])

@@ -234,7 +234,7 @@ class CompressedTensorsCheckpointHfQuantizer(CheckpointHfQuantizer):
 
 def _own_config(quantization_config: Any) -> Any:
     """hf_ptq's config nested in a compressed-tensors block written by hf_ptq's `save_pretrained`, else None."""
-    from ..registration import refuse_unknown_own_method
+    from ..own_methods import refuse_unknown_own_method
 
     if not isinstance(quantization_config, CompressedTensorsCheckpointConfig):
         return None
