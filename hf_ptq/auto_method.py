@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .core.options import Options, is_bool, option
+from .core.options import Options, option, switch
 
 PREFERENCES = ("accuracy", "latency")
 DEPLOY_TARGETS = ("cpu", "gpu")
@@ -25,7 +25,7 @@ DEPLOY_TARGETS = ("cpu", "gpu")
 class AutoInputs(Options):
     """What `PtqConfig(method="auto")` is told (besides whether calibration data is given)."""
 
-    finetune: bool = option(False, is_bool, "True or False", "the quantized model will be fine-tuned (LoRA)")
+    finetune: bool = switch(False, "the quantized model will be fine-tuned (LoRA)")
     prefer: str = option(
         "accuracy",
         lambda v: v in PREFERENCES,

@@ -239,3 +239,12 @@ def test_method_options_have_flags_of_their_own():
     help_text = " ".join(run.stdout.split())
     assert "--desc-act, --no-desc-act" in help_text and not names & set(HEAVY)
     assert GPTQOptions.__dataclass_fields__["damp_percent"].metadata["help"] in help_text
+
+
+def test_every_keyword_option_of_ptqconfig_has_a_flag():
+    """The flags are made from a list of options classes: a method option missing from it would have no flag."""
+    from hf_ptq.cli.common import method_option_fields
+    from hf_ptq.config import option_owners
+
+    auto_inputs = {n for n, users in option_owners().items() if users == ["auto"]}  # --prefer, --deploy, --finetune
+    assert set(method_option_fields()) == set(option_owners()) - auto_inputs

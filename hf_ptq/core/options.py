@@ -31,6 +31,11 @@ def option(default: Any, check: Callable[[Any], bool], allowed: str, help: str) 
     return dataclasses.field(default=default, metadata={"check": check, "allowed": allowed, "help": help})
 
 
+def switch(default: bool, help: str) -> Any:
+    """An `option` that is True or False (the CLI gives it `--name / --no-name`)."""
+    return option(default, is_bool, "True or False", help)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Base of the options dataclasses: every field declared with `option` is checked at construction."""

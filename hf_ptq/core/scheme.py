@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .options import InvalidOption, Options, is_bool, is_int, option
+from .options import InvalidOption, Options, is_int, option, switch
 
 ALLOWED_BITS = (2, 3, 4, 8)
 
@@ -27,10 +27,8 @@ class WeightScheme(Options):
         "a positive divisor of the layers' in_features (e.g. 32, 64, 128), -1 (per-channel) or 0 (per-tensor)",
         "input channels sharing one scale: > 0 per group, -1 per output channel, 0 per tensor",
     )
-    sym: bool = option(False, is_bool, "True or False", "symmetric (no zero point) when True")
-    full_range: bool = option(
-        False, is_bool, "True or False", "symmetric grid of all 2^b levels, as llama.cpp's Q4_0 (needs sym=True)"
-    )
+    sym: bool = switch(False, "symmetric (no zero point) when True")
+    full_range: bool = switch(False, "symmetric grid of all 2^b levels, as llama.cpp's Q4_0 (needs sym=True)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core.options import InvalidOption, Options, is_bool, is_number, is_positive_int, option
+from ..core.options import InvalidOption, Options, is_number, is_positive_int, option, switch
 
 # The scale search scores grid + 1 candidates per group of Linears, each one [out, in] x [in, in] product: 100 (α in
 # steps of 0.01, 5x the default 20) is already finer than the output error can tell apart; larger grids only add time
@@ -27,10 +27,8 @@ GPTQ_WEIGHT_DEFAULTS = {"clip": False}
 class GPTQOptions(Options):
     """GPTQ's options, read by `hf_ptq.methods.gptq` (docs/gptq.md)."""
 
-    desc_act: bool = option(True, is_bool, "True or False", "act-order: visit columns by decreasing Hessian diagonal")
-    static_groups: bool = option(
-        False, is_bool, "True or False", "fix every group's scale from the natural groups up front (no g_idx)"
-    )
+    desc_act: bool = switch(True, "act-order: visit columns by decreasing Hessian diagonal")
+    static_groups: bool = switch(False, "fix every group's scale from the natural groups up front (no g_idx)")
     damp_percent: float = option(
         0.01,
         lambda v: is_number(v) and 0 < v <= 1,
@@ -43,32 +41,28 @@ class GPTQOptions(Options):
         "a positive integer (columns per lazy GPTQ update, e.g. 128)",
         "columns per lazy update (speed only)",
     )
-    clip: bool = option(True, is_bool, "True or False", "search each group's range (Hessian-diagonal weighted)")
+    clip: bool = switch(True, "search each group's range (Hessian-diagonal weighted)")
 
 
 @dataclasses.dataclass(frozen=True)
 class AWQOptions(Options):
     """AWQ's options, read by `hf_ptq.methods.awq` (docs/awq.md)."""
 
-    duo_scaling: bool = option(
-        True, is_bool, "True or False", "scale candidates mean|x|^α / mean|ŵ|^(1-α) (True) or mean|x|^α (False)"
-    )
+    duo_scaling: bool = switch(True, "scale candidates mean|x|^α / mean|ŵ|^(1-α) (True) or mean|x|^α (False)")
     grid: int = option(
         20,
         lambda v: is_positive_int(v) and v <= MAX_AWQ_GRID,
         f"an integer from 1 to {MAX_AWQ_GRID} (AWQ scale candidates, default 20; each costs one product per group)",
         f"α candidates of the scale search, 1 to {MAX_AWQ_GRID}",
     )
-    clip: bool = option(True, is_bool, "True or False", "search each group's clipping range on the output error")
+    clip: bool = switch(True, "search each group's clipping range on the output error")
 
 
 @dataclasses.dataclass(frozen=True)
 class Bnb4bitOptions(Options):
     """nf4 / fp4 options, read by `hf_ptq.quantizer.bnb` (bitsandbytes' `bnb_4bit_use_double_quant`)."""
 
-    double_quant: bool = option(
-        False, is_bool, "True or False", "quantize the block scales too (QLoRA's double quantization)"
-    )
+    double_quant: bool = switch(False, "quantize the block scales too (QLoRA's double quantization)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +119,7 @@ class SmoothQuantOptions(Options):
 class SequentialOptions(Options):
     """Options of the calibration walk itself (`hf_ptq.pipeline.sequential`), taken by every calibrated method."""
 
-    true_sequential: bool = option(
+    true_sequential: bool = switch(
         True,
-        is_bool,
-        "True or False",
         "collect each stage's statistics after the stages before it in the block are quantized",
     )
