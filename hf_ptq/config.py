@@ -16,6 +16,8 @@ from transformers.utils import logging
 
 from .auto_method import AutoInputs, choose_method
 from .config_base import HfPtqConfig, check_embeddings, name_keyword_options
+from .core.bit_budget import MixedPrecisionOptions
+from .core.layer_schemes import check_layer_schemes, entry_for, scheme_over
 from .core.options import InvalidOption, option_names
 from .core.scheme import WeightScheme
 from .methods import MethodSpec, method_names, method_spec
@@ -42,6 +44,8 @@ def _accepted_options(spec: MethodSpec) -> tuple[str, ...]:
         names += option_names(SequentialOptions)
     if spec.full_range:
         names.append("full_range")
+    if spec.mixed_precision:
+        names += option_names(MixedPrecisionOptions)
     return tuple(names)
 
 
@@ -138,6 +142,8 @@ class PtqConfig(HfPtqConfig):
         for name in option_owners():  # None: not given (a method that does not take it rejects any other value)
             setattr(self, name, options.pop(name, None))
         self.auto_choice = options.pop("auto_choice", None)  # written by `to_dict` after method="auto" chose
+        # written after `target_bits` chose each layer's scheme (a compact pattern -> scheme map): reloads read it
+        self.chosen_schemes = options.pop("chosen_schemes", None)
         self._take_saved_keys(options)
         self.post_init()
 
@@ -189,7 +195,7 @@ class PtqConfig(HfPtqConfig):
         for field in (*_SCHEME_FIELDS, "full_range") if spec.full_range else _SCHEME_FIELDS:
             if getattr(self, field) is None:
                 setattr(self, field, spec.defaults.get(field, getattr(defaults, field)))
-        self._check_shared_fields(_fail, spec.needs_calibration)
+        self._check_shared_fields(_fail, spec.needs_calibration or self.target_bits is not None)
         self._build_options(spec)
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise _fail("compute_dtype", self.compute_dtype, "one of " + ", ".join(map(repr, _COMPUTE_DTYPES)))
@@ -234,9 +240,13 @@ class PtqConfig(HfPtqConfig):
             self._scheme = WeightScheme(**given(WeightScheme))
             self._options = None if spec.options is None else spec.options(**given(spec.options))
             walk = SequentialOptions(**given(SequentialOptions)) if spec.needs_calibration else None
+            mixed = MixedPrecisionOptions(**given(MixedPrecisionOptions)) if spec.mixed_precision else None
+            if mixed is not None:
+                mixed.check_against(self._scheme)
+            check_layer_schemes("chosen_schemes", self.chosen_schemes, self._scheme)
         except InvalidOption as err:
             raise err.owned_by(OWNER) from None
-        for options in (self._options, walk):
+        for options in (self._options, walk, mixed):
             for field, value in (vars(options) if options is not None else {}).items():
                 setattr(self, field, value)
 
@@ -253,12 +263,34 @@ class PtqConfig(HfPtqConfig):
     @property
     def act_order_modules(self) -> bool:
         """Whether quantized layers carry a `weight_g_idx` (GPTQ act-order with dynamic groups)."""
-        return bool(self.desc_act) and stores_g_idx(True, bool(self.static_groups), self.group_size)
+        return self.act_order_for(self.scheme)
+
+    def act_order_for(self, scheme: WeightScheme) -> bool:
+        """Whether a layer of `scheme` carries a `weight_g_idx` (GPTQ act-order with dynamic groups)."""
+        return bool(self.desc_act) and stores_g_idx(True, bool(self.static_groups), scheme.group_size)
+
+    def scheme_for(self, name: str) -> WeightScheme:
+        """The grid of the Linear `name`: its entry in `chosen_schemes` (what `target_bits` chose), else in
+        `layer_schemes` (pinned), else the config's scheme (`core.layer_schemes` for the matching rules)."""
+        for schemes in (self.chosen_schemes, self.layer_schemes):
+            found = entry_for(schemes, name)
+            if found is not None:
+                return scheme_over(self.scheme, found[1])
+        return self.scheme
+
+    @property
+    def mixed(self) -> bool:
+        """Whether layers may differ in scheme (a budget or a per-layer map)."""
+        return any(getattr(self, f, None) for f in ("target_bits", "layer_schemes", "chosen_schemes"))
 
     def describe(self) -> str:
         """One line for logs and model cards, e.g. `rtn w4 g128 asym`."""
         gran = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
         text = f"{self.method} w{self.bits} {gran} {'sym' if self.sym else 'asym'}"
+        if self.target_bits is not None:
+            text = f"{self.method} mixed {self.target_bits:g} bits {'sym' if self.sym else 'asym'}"
+        elif self.layer_schemes:
+            text += f" +{len(self.layer_schemes)} layer scheme(s)"
         if self.full_range:
             text += " full-range"
         if self.desc_act:

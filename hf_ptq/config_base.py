@@ -19,6 +19,7 @@ from .calibration.describe import describe_dataset
 from .calibration.limits import data_free_error, token_budget_error
 from .core.embeddings import EMBEDDING_FORMATS
 from .core.install import UPGRADE
+from .core.scheme import WeightScheme
 
 logger = logging.getLogger("hf_ptq")
 
@@ -112,6 +113,11 @@ class HfPtqConfig(QuantizationConfigMixin):
     # dtype of hf_ptq's weight-only matmuls (QuantLinear, quantized embeddings): PtqConfig lets users choose it;
     # SmoothQuantConfig's weight-only modules (its quantized embeddings) use "auto"
     compute_dtype = "auto"
+    target_bits = None  # PtqConfig's mixed precision budget (`core.bit_budget`); None: no per-layer search
+
+    def scheme_for(self, name: str) -> WeightScheme:
+        """The grid of the Linear `name` (PtqConfig: per-layer schemes, if any); here the config's one scheme."""
+        return self.scheme
 
     def _take_saved_keys(self, saved: dict[str, Any]) -> None:
         """Keep the keys `to_dict` writes that are not constructor arguments (dataset description, format version);

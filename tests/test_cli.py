@@ -142,6 +142,21 @@ def test_push_uploads_the_folder_with_metrics(quantized_dir, tmp_path, hub):  # 
     assert files["model.safetensors"] == (quantized_dir / "model.safetensors").read_bytes()
 
 
+def test_target_bits_prints_each_layers_scheme_and_layer_schemes_pin(
+    tiny_llama_with_tokenizer_dir, tmp_path, text_file, capsys
+):
+    out = tmp_path / "m"
+    args = ["quantize", str(tiny_llama_with_tokenizer_dir), "--method", "rtn", "--group-size", "32", "--out", str(out)]
+    args += ["--dataset", str(text_file), "--num-samples", "2", "--seq-len", "32", "--target-bits", "4.5"]
+    assert main(args + ["--layer-schemes", '{"mlp.down_proj": {"bits": 8}}', "--no-eval"]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision: 14 layers" in printed and "model.layers.1.mlp.down_proj" in printed
+    assert "w8 g32 asym (pinned)" in printed and "error" in printed
+    saved = saved_hf_ptq_config(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert saved["target_bits"] == 4.5 and saved["layer_schemes"] == {"mlp.down_proj": {"bits": 8}}
+    assert saved["chosen_schemes"]
+
+
 def test_quantize_push_to_hub_uploads_with_measured_metrics(tiny_llama_with_tokenizer_dir, tmp_path, text_file, hub):  # noqa: F811
     args = ["quantize", str(tiny_llama_with_tokenizer_dir), "--group-size", "32", "--out", str(tmp_path / "q")]
     args += ["--data", str(text_file), "--no-speed", "--max-length", "64", "--push-to-hub", "me/tiny-rtn"]

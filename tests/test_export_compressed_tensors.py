@@ -46,9 +46,11 @@ CONFIGS = {
         bits=2, group_size=32, sym=True, modules_to_not_convert=["down_proj"]
     ),
     "gptq-act-order-sym": lambda: _gptq(sym=True),
+    "rtn-mixed-layer-schemes": lambda: PtqConfig(bits=4, group_size=32, sym=True, layer_schemes=MIXED),
     "w8a8-dynamic": lambda: _w8a8("dynamic"),
     "w8a8-static": lambda: _w8a8("static"),
 }
+MIXED = {"mlp.down_proj": {"bits": 8, "group_size": -1}, "self_attn.q_proj": {"bits": 2}}  # three schemes
 W8A8 = {"w8a8-dynamic", "w8a8-static"}  # built in fp32, so the reader's arithmetic can be checked exactly
 ACT_ORDER = {"gptq-act-order-sym"}  # compressed-tensors 0.19 removed actorder="group" (weight_g_idx)
 
@@ -128,6 +130,25 @@ def test_config_block_follows_compressed_tensors_schema(exports) -> None:
     skipping = json.loads((exports["rtn-w2-g32-sym-skip-down"][1] / "config.json").read_text())["quantization_config"]
     assert "dequantize" not in skipping
     assert skipping["ignore"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+
+
+def test_a_mixed_precision_model_gets_one_config_group_per_scheme(exports) -> None:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    model, folder = exports["rtn-mixed-layer-schemes"]
+    block = json.loads((folder / "config.json").read_text())["quantization_config"]
+    groups = QuantizationConfig.model_validate(block).config_groups
+    found = {(g.weights.num_bits, g.weights.group_size): sorted(g.targets) for g in groups.values()}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert found == {
+        (bits, None if group == -1 else group): sorted(
+            n for n, m in layers.items() if (m.bits, m.group_size) == (bits, group)
+        )
+        for bits, group in ((4, 32), (8, -1), (2, 32))
+    }
+    asymmetric = hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(bits=4, group_size=32, layer_schemes=MIXED))
+    with pytest.raises(ValueError, match="cannot write asymmetric mixed-precision weights.*sym=True"):
+        hf_ptq.export(asymmetric, folder.parent / "asym-mixed", format="compressed-tensors")
 
 
 def test_w8a8_config_block_is_int_quantized(exports) -> None:

@@ -389,3 +389,26 @@ def test_a_first_piece_only_space_prefix_is_written_with_a_warning(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         hf_ptq.export(_quantized_from_config(config, tmp_path), tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
     assert "will tokenize text that starts with a space and text after a special token (e.g." in caplog.text
+
+
+def test_a_mixed_precision_model_gets_a_type_per_tensor(small_model_dir, tokenizer, tmp_path) -> None:
+    """`layer_schemes` (or `target_bits`): each tensor gets the smallest 32-block type holding its integers exactly
+    (2/3/4-bit asymmetric: Q4_1; 8-bit: Q8_0, symmetric, so asymmetric 8-bit rows are rounded once more), read back
+    by transformers' reader as the same weights; a K-quant preset refuses layers with more bits than it holds."""
+    pins = {"mlp.down_proj": {"bits": 8, "group_size": -1}, "self_attn.q_proj": {"bits": 2}}
+    cfg = PtqConfig(bits=4, group_size=32, layer_schemes=pins)
+    model = AutoModelForCausalLM.from_pretrained(small_model_dir, quantization_config=cfg)
+    path = gguf_file(hf_ptq.export(model, tmp_path / "gguf", format="gguf", embeddings="f16"))
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == kinds["blk.1.ffn_down.weight"] == "Q8_0"
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.0.attn_k.weight"] == kinds["blk.1.ffn_up.weight"] == "Q4_1"
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            got, expected = loaded.get_submodule(name).weight.data, layer.dequantized_weight(torch.float32)
+            if layer.bits == 8:
+                assert rel_err(got, expected) < 0.01, name
+            else:
+                assert (got - expected).abs().max() <= expected.abs().max() * 2**-10, name  # Q4_1's m in fp16
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj' has 8-bit weights, more than Q\w+ holds"):
+        hf_ptq.export(model, tmp_path / "k", format="gguf", gguf_type="q4_k_m")

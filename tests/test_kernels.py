@@ -157,10 +157,19 @@ def test_kernel_max_rows_selects_path(calls: Counter, monkeypatch: pytest.Monkey
         assert calls["dense_matmul"] == 2 * int(not kernel)
 
 
+@pytest.mark.parametrize(("bits", "group_size", "sym"), [(2, 32, False), (3, 64, True), (3, -1, False), (2, 128, True)])
+@pytest.mark.parametrize("rows", (1, 16))
+def test_two_and_three_bit_layers_run_the_int4_kernel(calls: Counter, bits, group_size, sym, rows) -> None:
+    """Their codes fit int4's range unchanged: the same kernel as 4-bit, against the same reference."""
+    layer = make_layer(bits=bits, group_size=group_size, sym=sym)
+    check_close(layer, activations(rows))
+    assert calls == Counter(int4_cpu_matmul=1, dense_matmul=1)  # dense_matmul once: inside forward_reference
+
+
 def test_no_kernel_for_unsupported_layouts(calls: Counter) -> None:
-    """3-bit, asymmetric / grouped 8-bit, group 16 and in_features 48 per-channel all use the dequantize path."""
+    """Asymmetric / grouped 8-bit, group 16 (4- and 3-bit) and in_features 48 per-channel use the dequantize path."""
     layers = [
-        make_layer(bits=3, group_size=32),
+        make_layer(bits=3, group_size=16),
         make_layer(bits=8, group_size=-1, sym=False),
         make_layer(bits=8, group_size=32, sym=True),
         make_layer(bits=4, group_size=16),
@@ -205,7 +214,7 @@ def test_kernel_max_rows_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(kernels, "KERNEL_MAX_ROWS", None)
     for fast, table in ((True, kernels.MAX_ROWS_FAST_BF16), (False, kernels.MAX_ROWS_NO_BF16)):
         monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda fast=fast: fast)
-        assert [kernels.kernel_max_rows(b) for b in (3, 4, 8)] == [0, table[4], table[8]]
+        assert [kernels.kernel_max_rows(b) for b in (2, 3, 4, 8)] == [table[4], table[4], table[4], table[8]]
         assert kernels.kernel_max_rows(4, "cuda") == kernels.MAX_ROWS_FAST_BF16[4]
 
 

@@ -11,6 +11,7 @@ import pytest
 from hf_ptq import PtqConfig, SmoothQuantConfig, method_names
 from hf_ptq.auto_method import AutoInputs
 from hf_ptq.config import option_owners
+from hf_ptq.core.bit_budget import MixedPrecisionOptions
 from hf_ptq.core.options import InvalidOption, is_positive_int, option, option_field
 from hf_ptq.core.scheme import WeightScheme
 from hf_ptq.methods import METHODS, method_spec
@@ -22,7 +23,7 @@ NOT_A_VALUE = object()  # fails every check
 def declaration(method: str, name: str) -> dataclasses.Field:
     """Where option `name` of `method` is declared."""
     spec = method_spec(method)
-    for cls in (spec.options, SequentialOptions, WeightScheme, AutoInputs):
+    for cls in (spec.options, SequentialOptions, WeightScheme, AutoInputs, MixedPrecisionOptions):
         if cls is not None and name in {f.name for f in dataclasses.fields(cls)}:
             return option_field(cls, name)
     raise AssertionError(f"{name} is declared nowhere for {method}")
@@ -56,7 +57,10 @@ def option_field_default(name: str):
     users = option_owners()[name]
     if users == ["auto"]:
         return {"finetune": True, "prefer": "latency", "deploy": "cpu"}[name]
-    return declaration(users[0], name).default
+    default = declaration(users[0], name).default
+    if default is None:  # None means "not given": a value that is given
+        return {"target_bits": 4.5, "layer_schemes": {"down_proj": {"bits": 8}}}[name]
+    return default
 
 
 def test_the_signature_names_every_option() -> None:

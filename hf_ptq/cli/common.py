@@ -90,20 +90,35 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_option_arguments(parser)
 
 
-_FLAG_TYPES = {"int": int, "float": float}  # option annotations -> argparse types (bool: --x / --no-x)
+def _json_object(text: str) -> dict:
+    """A JSON object given on the command line, e.g. '{"mlp.down_proj": {"bits": 8}}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not JSON ({err.msg}); e.g. \'{{"mlp.down_proj": {{"bits": 8}}}}\''
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'{text!r}: expected a JSON object {{pattern: {{"bits": b}}}}')
+    return value
+
+
+# option annotations -> argparse types (bool: --x / --no-x)
+_FLAG_TYPES = {"int": int, "float": float, "dict": _json_object}
 
 
 def method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
     """Each keyword option of the methods (GPTQ's, AWQ's, the walk's, bitsandbytes', `full_range`) -> (the options
     class's name, its declaration) for each class declaring it, read from the options dataclasses
     (`hf_ptq.methods.options`, which imports no torch)."""
+    from ..core.bit_budget import MixedPrecisionOptions
     from ..core.options import option_field
     from ..core.scheme import WeightScheme
     from ..methods import options
 
     found: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     classes = (options.GPTQOptions, options.AWQOptions, options.SequentialOptions)
-    for cls in (*classes, options.Bnb4bitOptions, options.LlmInt8Options):
+    for cls in (*classes, options.Bnb4bitOptions, options.LlmInt8Options, MixedPrecisionOptions):
         for field in dataclasses.fields(cls):
             found.setdefault(field.name, []).append((cls.__name__.removesuffix("Options"), field))
     found["full_range"] = [("WeightScheme", option_field(WeightScheme, "full_range"))]

@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_id, quantization_config=cfg, dtype=torch.bfloat16)
     seconds = time.perf_counter() - start
+    report = getattr(model.config.quantization_config, "_mixed_report", None) or getattr(cfg, "_mixed_report", None)
+    if report:  # target_bits chose each layer's scheme
+        from ..core.bit_budget import format_report
+
+        print(format_report(report))
     with staged_folder(out, overwrite, "--out") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

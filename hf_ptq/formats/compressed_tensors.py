@@ -5,7 +5,8 @@ hf_ptq's checkpoint tensors already are compressed-tensors' `pack-quantized` ten
 little-endian stream, stored offset by 2^(bits-1)), `weight_scale` [out, groups], `weight_zero_point` packed the same
 way along the output dimension (per-tensor: int8 [1], unpacked), `weight_shape`, and `weight_g_idx` for act-order;
 both dequantize `(q - zero_point) * scale`. So the export writes the same tensors and replaces `quantization_config`
-with compressed-tensors' schema: one config group targeting `Linear`, the full-precision Linears in `ignore`.
+with compressed-tensors' schema: one config group targeting `Linear` (one per scheme, naming its layers, for mixed
+precision), the full-precision Linears in `ignore`.
 Quantized embeddings and heads (`embeddings=`), which the schema has no place for, are written as their dequantized
 float matrices (the head in `ignore`); such a model's `save_pretrained` keeps hf_ptq's own config block.
 
@@ -88,56 +89,72 @@ def _w8a8_scheme(model: nn.Module) -> bool | None:
     return statics.pop()
 
 
-def _scheme(model: nn.Module) -> tuple[int, int, bool, bool]:
-    """(bits, group_size, sym, act_order) shared by every quantized layer; ValueError when it cannot be exported."""
+def _schemes(model: nn.Module) -> dict[tuple[int, int, bool, bool], list[str]]:
+    """(bits, group_size, sym, act_order) -> the quantized layers of that scheme (several for mixed precision), in
+    model order; ValueError when the model cannot be exported."""
     layers = quantized_layers(model, FORMAT)
     refuse_float_zero_points(layers, FORMAT)
-    schemes = {(m.bits, m.group_size, m.sym, m.weight_g_idx is not None) for _, m in layers}
-    if len(schemes) != 1:
+    schemes: dict[tuple[int, int, bool, bool], list[str]] = {}
+    for name, m in layers:
+        schemes.setdefault((m.bits, m.group_size, m.sym, m.weight_g_idx is not None), []).append(name)
+    if len({sym for _, _, sym, _ in schemes}) > 1:
         raise ValueError(
-            f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)}"
+            f"export(format={FORMAT!r}) expects one symmetry for all quantized layers, got {sorted(schemes)}"
         )
-    bits, group_size, sym, act_order = scheme = schemes.pop()
-    if act_order and not sym:
+    if len(schemes) > 1 and not next(iter(schemes))[2]:
+        raise ValueError(
+            f"export(format={FORMAT!r}) cannot write asymmetric mixed-precision weights: transformers reads packed "
+            "zero points only through its dequantize-on-load path, which decodes every dense layer with the first "
+            "config group's scheme. Supported: a mixed-precision model quantized with sym=True (one config group per "
+            "scheme), or this model with format='gguf' (a type per tensor)."
+        )
+    if any(act_order and not sym for _, _, sym, act_order in schemes):
         raise ValueError(
             f"export(format={FORMAT!r}) cannot write asymmetric act-order weights (weight_g_idx with zero points): "
             "transformers' compressed-tensors loader drops weight_g_idx when it dequantizes, and cannot read packed "
             "zero points otherwise. Supported: symmetric act-order, or any weights without act-order. Export this "
             "model with format='gptq', or quantize with sym=True, desc_act=False or static_groups=True."
         )
-    return scheme
+    return schemes
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The `quantization_config` block of config.json for the exported model.
 
-    Asymmetric group / channel weights get `dequantize: true`: transformers then unpacks the packed zero points
-    while loading (its compressed path cannot load them); vLLM ignores the key.
+    One config group per scheme: targeting `Linear` when every quantized layer shares it, else the layers' names
+    (mixed precision). Asymmetric group / channel weights get `dequantize: true`: transformers then unpacks the
+    packed zero points while loading (its compressed path cannot load them); vLLM ignores the key.
     """
     static = _w8a8_scheme(model)
     if static is None:
-        bits, group_size, sym, act_order = _scheme(model)
-        weights, activations, fmt = weight_args(bits, group_size, sym, act_order), None, PACKED
+        schemes = _schemes(model)
+        sym = next(iter(schemes))[2] if schemes else True
+        grouped = any(group_size != 0 for _, group_size, _, _ in schemes)
+        parts = [(weight_args(*scheme), None, PACKED, names) for scheme, names in schemes.items()]
+        fmt = PACKED
     else:  # W8A8: int8 symmetric channel weights, int8 activations
-        sym = True
-        weights, activations, fmt = weight_args(8, -1, True, False), w8a8_activation_args(static), INT_QUANTIZED
-    group = {
-        "targets": ["Linear"],
-        "weights": weights,
-        "input_activations": activations,
-        "output_activations": None,
-        "format": fmt,
+        sym, grouped, fmt = True, True, INT_QUANTIZED
+        parts = [(weight_args(8, -1, True, False), w8a8_activation_args(static), INT_QUANTIZED, None)]
+    groups = {
+        f"group_{i}": {
+            "targets": ["Linear"] if names is None or len(parts) == 1 else names,
+            "weights": weights,
+            "input_activations": activations,
+            "output_activations": None,
+            "format": part_fmt,
+        }
+        for i, (weights, activations, part_fmt, names) in enumerate(parts)
     }
     config: dict[str, Any] = {
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": group},
+        "config_groups": groups,
         "ignore": float_linears(model),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
-    if not sym and group_size != 0:
+    if not sym and grouped:
         config["dequantize"] = True
     return config
 
@@ -177,7 +194,7 @@ def why_not_portable(model: nn.Module) -> str | None:
 
 def check(model: nn.Module, tokenizer: Any = None) -> None:
     if _w8a8_scheme(model) is None:
-        _scheme(model)
+        _schemes(model)
 
 
 @export_format(

@@ -131,7 +131,9 @@ def check(model: nn.Module, tokenizer: Any = None, checkpoint_format: str = "gpt
     schemes = {(m.bits, m.group_size, m.sym) for _, m in layers}
     if len(schemes) != 1:
         raise ValueError(
-            f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)}"
+            f"export(format={FORMAT!r}) expects one scheme for all quantized layers, got {sorted(schemes)} (bits, "
+            "group_size, sym): GPTQ checkpoints hold one bit width and group size. A mixed-precision model exports "
+            "with format='compressed-tensors' (one config group per scheme) or format='gguf' (a type per tensor)."
         )
     bits = layers[0][1].bits
     per_word = 32 if bits == 3 else 32 // bits  # 3-bit values fill whole words only in runs of 32

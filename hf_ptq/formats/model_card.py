@@ -25,7 +25,7 @@ This model was quantized with [hf_ptq](https://pypi.org/project/hf-ptq/): **{sum
 | layers kept in full precision | {skipped} |
 | base model | {base_model} |
 
-## How to load
+{mixed}## How to load
 
 {how_to_load}
 {metrics}"""
@@ -127,6 +127,35 @@ def _kept(model) -> set[str]:
     return skipped - set(quantized_embeddings(model))
 
 
+def _mixed_text(model) -> tuple[str | None, str]:
+    """(the bits cell, the per-layer section) of a model whose quantized layers differ in scheme; (None, "") else.
+
+    The table lists layer, scheme, stored bits per weight and, when this process chose the schemes (`target_bits`),
+    each layer's share of the measured error."""
+    from ..nn import QuantLinear
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if len({(m.bits, m.group_size) for _, m in layers}) < 2:
+        return None, ""
+    shares = {row[0]: row[3] for row in getattr(model.config.quantization_config, "_mixed_report", None) or []}
+    stored = {n: m.stored_bits() for n, m in layers}
+    weights = sum(m.in_features * m.out_features for _, m in layers)
+    average = sum(stored.values()) / weights
+    bits = sorted({m.bits for _, m in layers})
+    rows = "\n".join(
+        f"| `{n}` | {m.bits}-bit {_group_text(m.group_size)} | {stored[n] / (m.in_features * m.out_features):.3f} | "
+        + (f"{shares[n]:.1%}" if n in shares else "-")
+        + " |"
+        for n, m in layers
+    )
+    section = (
+        "## Mixed precision\n\nEach layer's scheme (bits per weight with its scales and zero points; error: its "
+        "share of the summed output error measured when the schemes were chosen):\n\n<details>\n\n"
+        f"| layer | scheme | bits/weight | error |\n|---|---|---|---|\n{rows}\n\n</details>\n\n"
+    )
+    return f"mixed, {'/'.join(map(str, bits))}-bit: {average:.3f} bits per weight", section
+
+
 def _group_text(group_size: int) -> str:
     return {-1: "per-channel (-1)", 0: "per-tensor (0)"}.get(group_size, str(group_size))
 
@@ -142,7 +171,9 @@ def build_model_card(
     if metrics:
         rows = "\n".join(f"| {name} | {value} |" for name, value in metrics.items())
         metric_text = f"\n## Measured quality\n\n| metric | value |\n|---|---|\n{rows}\n"
-    tags = ["hf-ptq", "quantized", f"{cfg.scheme.bits}-bit", cfg.method] + ([format] if format else [])
+    mixed_bits, mixed = _mixed_text(model)
+    bits_tag = "mixed-precision" if mixed_bits else f"{cfg.scheme.bits}-bit"
+    tags = ["hf-ptq", "quantized", bits_tag, cfg.method] + ([format] if format else [])
     data = ModelCardData(library_name="transformers", tags=tags)
     gguf_file = next((f for f in files if f.endswith(".gguf")), "model.gguf")
     text = _TEMPLATE.format(
@@ -150,8 +181,9 @@ def build_model_card(
         title=f"{repo_id.split('/')[-1]}",
         summary=cfg.describe(),
         method=cfg.method,
-        bits=cfg.scheme.bits,
-        group_size=_group_text(cfg.scheme.group_size),
+        bits=mixed_bits or cfg.scheme.bits,
+        group_size="per layer (below)" if mixed_bits else _group_text(cfg.scheme.group_size),
+        mixed=mixed,
         sym=cfg.scheme.sym,
         embeddings=_embeddings_text(model, format),
         skipped=", ".join(f"`{m}`" for m in sorted(_kept(model))) or "none",

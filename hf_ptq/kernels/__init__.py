@@ -38,10 +38,13 @@ def kernel_max_rows(bits: int, device_type: str = "cpu") -> int:
     if KERNEL_MAX_ROWS is not None:
         return KERNEL_MAX_ROWS
     table = MAX_ROWS_FAST_BF16 if device_type != "cpu" or cpu_has_fast_bf16() else MAX_ROWS_NO_BF16
-    return table.get(bits, 0)
+    return table.get(4 if bits in INT4_KERNEL_BITS else bits, 0)
 
 
 _INT4_GROUP_SIZES = (256, 128, 64, 32)
+# Bit widths torch's int4 CPU kernel runs: 2- and 3-bit codes lie inside int4's range, so they take the 4-bit layout
+# unchanged (a 4-bit copy of the codes, built on first use; mixed precision's low-bit layers decode at 4-bit speed).
+INT4_KERNEL_BITS = (2, 3, 4)
 
 
 def compute_dtypes(setting: str, x: torch.Tensor) -> tuple[torch.dtype | None, torch.dtype]:

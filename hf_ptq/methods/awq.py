@@ -170,6 +170,7 @@ def clipped_rtn(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSchem
     statistics=AWQStats,
     smooth=awq_smooth,
     full_range=True,
+    mixed_precision=True,
 )
 def awq(weight: torch.Tensor, scheme: WeightScheme, options: AWQOptions, stats: AWQStats | None) -> QuantizedWeight:
     """Quantize weight [out, in] (already multiplied by the AWQ scale) with clipped or min/max ranges (min/max when

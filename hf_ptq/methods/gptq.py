@@ -341,6 +341,7 @@ def _floats(qparams: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Te
     options=GPTQOptions,
     statistics=GPTQ,
     full_range=True,
+    mixed_precision=True,
 )
 def gptq(weight: torch.Tensor, scheme: WeightScheme, options: GPTQOptions, stats: GPTQ | None) -> QuantizedWeight:
     """GPTQ of weight [out, in] on the grid of `scheme`, with the Hessian accumulated in `stats` (None: no

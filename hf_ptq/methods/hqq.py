@@ -36,6 +36,7 @@ def check_hqq(config: Any) -> None:
     requires=("hqq", "hqq"),
     float_zero_point=True,
     forced_fields={"sym": False},
+    mixed_precision=True,
 )
 def hqq(weight: torch.Tensor, scheme: WeightScheme, options: None = None) -> QuantizedWeight:
     """Quantize weight [out, in] with HQQ's optimizer (`hqq.core.quantize.Quantizer`, its default settings).

@@ -35,6 +35,7 @@ class MethodSpec:
     requires: tuple[str, str] | None = None  # (import name, hf-ptq extra) of the package needed to quantize
     backend: str | None = None  # library whose modules hold the weights; None: hf_ptq's QuantLinear
     float_zero_point: bool = False  # zero points are floats (HQQ), stored unpacked in the model's dtype
+    mixed_precision: bool = False  # takes per-layer schemes (`target_bits`, `layer_schemes`: core.bit_budget)
 
     @property
     def needs_calibration(self) -> bool:

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from ..core.scheme import WeightScheme
 
 
-@register_method("rtn", summary="round-to-nearest with min/max ranges, no calibration data", full_range=True)
+@register_method(
+    "rtn", summary="round-to-nearest with min/max ranges, no calibration data", full_range=True, mixed_precision=True
+)
 def rtn(weight: torch.Tensor, scheme: WeightScheme, options: None = None) -> QuantizedWeight:
     """Quantize weight [out, in] on the grid of `scheme` with min/max ranges."""
     return quantize(weight, scheme.bits, scheme.group_size, scheme.sym, full_range=scheme.full_range)

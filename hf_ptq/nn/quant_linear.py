@@ -118,6 +118,11 @@ class QuantLinear(DequantizedWeightAttribute):
             self.weight_g_idx = qw.g_idx.to(torch.int32)
         self.invalidate_caches()
 
+    def stored_bits(self) -> int:
+        """Bits of the quantized weight's saved tensors (packed integers, scales, zero points, shape, g_idx), the
+        bias excluded: what `hf_ptq.core.bit_budget.stored_bits` predicts for a scheme."""
+        return sum(t.numel() * t.element_size() * 8 for n, t in self.named_buffers(recurse=False) if t is not None)
+
     def invalidate_caches(self) -> None:
         """Drop what is derived from the buffers (kernel layouts, plans, kept dense weights), after changing them."""
         self._kernel_cache.clear()
@@ -219,7 +224,7 @@ class QuantLinear(DequantizedWeightAttribute):
         if device.type == "cpu" and self._packed_kernel_fits():
             build = QuantLinear._build_packed_cpu
             return KernelPlan(kernels.packed_matmul_cpu, "packed_cpu", build, max_rows, dense_dtype)
-        if device.type == "cpu" and self.bits == 4:
+        if device.type == "cpu" and self.bits in kernels.INT4_KERNEL_BITS:  # 2/3-bit codes fit int4 unchanged
             if kernels.int4_kernel_group(self.in_features, self.group_size) is None:
                 return dense_only
             if self.weight_g_idx is None:

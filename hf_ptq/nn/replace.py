@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..core.quant import QuantizedWeight, W8A8Weight
+from ..core.scheme import WeightScheme
 from .quant_linear import QuantLinear
 from .w8a8_linear import W8A8Linear
 
@@ -80,52 +81,56 @@ def quantizable_linears(model: nn.Module, skip: list[str] | None) -> Iterator[tu
                 yield name, module
 
 
-def check_group_size(targets: list[tuple[str, nn.Module]], group_size: int) -> None:
-    """Raise before any weight is read when `group_size` does not divide a target layer's in_features."""
-    if group_size <= 0:
-        return
-    bad = [(n, linear_shape(m)[0]) for n, m in targets if linear_shape(m)[0] % group_size]
+def check_group_size(targets: list[tuple[str, nn.Module]], scheme_of: Callable[[str], WeightScheme]) -> None:
+    """Raise before any weight is read when a target layer's group size (`scheme_of(name).group_size`) does not
+    divide its in_features."""
+    bad = []
+    for name, module in targets:
+        group_size = scheme_of(name).group_size
+        if group_size > 0 and linear_shape(module)[0] % group_size:
+            bad.append((name, linear_shape(module)[0], group_size))
     if bad:
-        name, in_f = bad[0]
-        divisors = [g for g in (32, 64, 128) if all(f % g == 0 for _, f in bad)] or [-1]
+        name, in_f, group_size = bad[0]
+        divisors = [g for g in (32, 64, 128) if all(f % g == 0 for _, f, _ in bad)] or [-1]
         raise ValueError(
             f"PtqConfig.group_size={group_size} does not divide in_features={in_f} of layer {name!r} "
             f"({len(bad)} layer(s) affected). Use a group_size that divides every layer's in_features "
-            f"(for example {divisors[0]}), -1 for per-channel scales, or list those layers in modules_to_not_convert."
+            f"(for example {divisors[0]}), -1 for per-channel scales, or list those layers in modules_to_not_convert "
+            "(or give them a group_size of their own in layer_schemes)."
         )
 
 
 def replace_linears(
     model: nn.Module,
     *,
-    bits: int,
-    group_size: int,
-    sym: bool,
+    scheme_of: Callable[[str], WeightScheme],
     skip: list[str] | None,
     dtype: torch.dtype,
     compute_dtype: str = "auto",
-    act_order: bool = False,
+    act_order_of: Callable[[WeightScheme], bool] = lambda scheme: False,
     expect_float_weight: bool = False,
     float_zero_point: bool = False,
 ) -> list[str]:
-    """Swap target Linears for empty `QuantLinear`s on the meta device; returns the swapped names.
+    """Swap target Linears for empty `QuantLinear`s on the meta device, each of its grid `scheme_of(name)` (with a
+    `weight_g_idx` when `act_order_of(scheme)`); returns the swapped names.
 
     With `expect_float_weight`, each new module keeps a meta placeholder `weight` of the original layout so that
     transformers routes the checkpoint's float weight to the quantize-on-load op, which drops it.
     """
     targets = list(quantizable_linears(model, skip))
-    check_group_size(targets, group_size)
+    check_group_size(targets, scheme_of)
 
-    def build(module: nn.Module, in_f: int, out_f: int) -> QuantLinear:
+    def build(name: str, module: nn.Module, in_f: int, out_f: int) -> QuantLinear:
+        scheme = scheme_of(name)
         new = QuantLinear(
             in_f,
             out_f,
             module.bias is not None,
-            bits,
-            group_size,
-            sym,
+            scheme.bits,
+            scheme.group_size,
+            scheme.sym,
             dtype=dtype,
-            act_order=act_order,
+            act_order=act_order_of(scheme),
             compute_dtype=compute_dtype,
             float_zero_point=float_zero_point,
         )
@@ -143,20 +148,20 @@ def replace_with_w8a8_linears(
     returns the swapped names."""
     targets = list(quantizable_linears(model, skip))
 
-    def build(module: nn.Module, in_f: int, out_f: int) -> W8A8Linear:
+    def build(name: str, module: nn.Module, in_f: int, out_f: int) -> W8A8Linear:
         return W8A8Linear(in_f, out_f, module.bias is not None, static, dtype=dtype)
 
     return _swap_on_meta(model, targets, build)
 
 
 def _swap_on_meta(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], build: Callable[[nn.Module, int, int], nn.Module]
+    model: nn.Module, targets: list[tuple[str, nn.Module]], build: Callable[[str, nn.Module, int, int], nn.Module]
 ) -> list[str]:
-    """Replace each target by `build(module, in_features, out_features)`, created on the meta device."""
+    """Replace each target by `build(name, module, in_features, out_features)`, created on the meta device."""
     for name, module in targets:
         in_f, out_f = linear_shape(module)
         with torch.device("meta"):
-            new = build(module, in_f, out_f)
+            new = build(name, module, in_f, out_f)
         new.transposed_source = isinstance(module, Conv1D)
         model.set_submodule(name, new)
     return [name for name, _ in targets]

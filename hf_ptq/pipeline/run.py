@@ -10,8 +10,10 @@ from torch import nn
 
 from ..calibration.data import make_batches
 from ..calibration.self_generated import sample_from_model
+from ..methods import method_spec
 from ..nn.replace_embeddings import quantize_embeddings
-from .sequential import quantize_blocks
+from .sensitivity import search_layer_schemes
+from .sequential import quantize_blocks, quantize_without_statistics
 
 logger = logging.getLogger("hf_ptq")
 
@@ -28,7 +30,12 @@ def calibrate_and_quantize(
         if batches is None:
             samples = sample_from_model(model, config.num_samples, config.seq_len)
             batches = make_batches(samples, config.batch_size)
-        names = quantize_blocks(model, config, batches, targets)
+        if config.target_bits is not None:
+            search_layer_schemes(model, config, targets, batches)
+        if method_spec(config.method).needs_calibration:
+            names = quantize_blocks(model, config, batches, targets)
+        else:  # a method without statistics calibrated only to choose the layers' schemes (`target_bits`)
+            names = quantize_without_statistics(model, config, targets)
         if getattr(config, "embeddings", None):
             names += quantize_embeddings(model, config)
     finally:

@@ -178,34 +178,43 @@ def quantize_group(
     prefix: str = "",
     release_pages: bool = True,
 ) -> None:
-    """Quantize the Linears of `group` (sharing `stats`) with `spec`, stacked row-wise; swap in QuantLinears.
+    """Quantize the Linears of `group` (sharing `stats`) with `spec`, stacked row-wise per scheme; swap in
+    QuantLinears.
 
-    `dtype` is the model's dtype: the weights are quantized as stored in it and the scales are kept in it. With a
-    `smoother` (methods with `smooth`), the group's input scale is searched and folded first. `prefix` + a name is
-    the Linear's name in the model, for errors: a non-finite weight is refused (`require_finite_weight`), and a
-    method's ValueError is raised again naming the group's layers. The replaced float weights give back their
-    checkpoint pages unless `release_pages` is False (`checkpoint_files_mapped`)."""
+    `dtype` is the model's dtype: the weights are quantized as stored in it and the scales are kept in it. Each Linear
+    gets `config.scheme_for(prefix + name)` (mixed precision: layers sharing an input may differ); the Linears of one
+    scheme are quantized as one stacked weight. With a `smoother` (methods with `smooth`), the group's input scale
+    is searched (on the grid of its fewest bits) and folded first. `prefix` + a name is the Linear's name in the
+    model, for errors: a non-finite weight is refused (`require_finite_weight`), and a method's ValueError is raised
+    again naming the group's layers. The replaced float weights give back their checkpoint pages unless
+    `release_pages` is False (`checkpoint_files_mapped`)."""
     modules = [scope.get_submodule(n) for n in group]
     weights = [read_float_weight(m).to(dtype) for m in modules]
     for name, weight in zip(group, weights, strict=True):
         require_finite_weight(weight, prefix + name)
-    stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
+    schemes = [config.scheme_for(prefix + n) for n in group]
     with naming_layers([prefix + n for n in group]):
         if stats is None:
             logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
-            qw = spec.quantize_weight(stacked, config.scheme, config.options, None)
-        else:
-            s = None if smoother is None else smoother.smooth(group, stacked, stats)
+        elif smoother is not None:
+            stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
+            s = smoother.smooth(group, stacked, stats, min(schemes, key=lambda sc: sc.bits))
+            del stacked
             if s is not None:
-                stacked = (stacked.float() * s.to(stacked.device)).to(dtype)
+                weights = [(w.float() * s.to(w.device)).to(dtype) for w in weights]
                 stats.rescale(s)
-            qw = spec.quantize_weight(stacked, config.scheme, config.options, stats)
-    row = 0
-    del stacked
-    for name, module, weight in zip(group, modules, weights, strict=True):
-        part = qw.rows(slice(row, row + weight.shape[0]))
-        row += weight.shape[0]
-        install_quantized(scope, name, module, part, config, dtype)
+        results: dict[int, object] = {}
+        for scheme in dict.fromkeys(schemes):
+            members = [i for i, sc in enumerate(schemes) if sc == scheme]
+            stacked = torch.cat([weights[i] for i in members], 0) if len(members) > 1 else weights[members[0]]
+            qw = spec.quantize_weight(stacked, scheme, config.options, stats)
+            row = 0
+            for i in members:
+                results[i] = qw.rows(slice(row, row + weights[i].shape[0]))
+                row += weights[i].shape[0]
+            del stacked, qw
+    for i, (name, module) in enumerate(zip(group, modules, strict=True)):
+        install_quantized(scope, name, module, results[i], config, dtype)
     if release_pages:  # the replaced float weights are never read again
         release_file_pages(*(float_weight(m) for m in modules))
 
@@ -380,6 +389,26 @@ def propagate(walk: Walk, i: int, store: OutputStore, quantized: set[str]) -> No
     walk.calls[i] = []  # this block's arguments are no longer needed
     block.to(walk.dtype)
     trim_heap()
+
+
+@torch.no_grad()
+def quantize_without_statistics(model: nn.Module, config, targets: list[str]) -> list[str]:
+    """Quantize the Linears `targets` one by one with a method that reads no statistics (RTN, HQQ), each on its own
+    scheme (`config.scheme_for`); returns their names."""
+    spec = method_spec(config.method)
+    dtype = _float_dtype(model)
+    release = checkpoint_files_mapped()
+    for name in tqdm(targets, desc=f"hf_ptq {config.method}", unit="layer"):
+        module = model.get_submodule(name)
+        weight = read_float_weight(module).to(dtype)
+        require_finite_weight(weight, name)
+        with naming_layers([name]):
+            qw = spec.quantize_weight(weight, config.scheme_for(name), config.options)
+        install_quantized(model, name, module, qw, config, dtype)
+        if release:
+            release_file_pages(float_weight(module))
+        del weight, qw
+    return list(targets)
 
 
 def quantize_outside_blocks(

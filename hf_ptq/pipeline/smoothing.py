@@ -167,9 +167,9 @@ class BlockSmoother:
         self.block, self.layout, self.spec, self.config, self.run_block = block, layout, spec, config, run_block
         self.unscaled: list[tuple[str, ...]] = []
 
-    def smooth(self, group: list[str], weight: torch.Tensor, stats) -> torch.Tensor | None:
+    def smooth(self, group: list[str], weight: torch.Tensor, stats, scheme) -> torch.Tensor | None:
         """The scale s [in] folded into the producer of `group`'s input (weight [out, in] are the stacked weights
-        to multiply by s), or None when the group stays unscaled."""
+        to multiply by s), searched on the grid of `scheme`, or None when the group stays unscaled."""
         entry = self.layout.group_for(group)
         if entry is None:
             if not set(group) <= set(self.layout.unscaled):
@@ -177,7 +177,7 @@ class BlockSmoother:
             return None
         if not producer_fits(self.block, entry, weight.shape[1]):
             return None
-        s = self.spec.smooth(weight, self.config.scheme, self.config.options, stats)
+        s = self.spec.smooth(weight, scheme, self.config.options, stats)
         if s is None:
             return None
         if not fold_checked(self.block, entry, self.layout, s, self.run_block):

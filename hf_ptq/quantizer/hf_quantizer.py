@@ -21,6 +21,7 @@ from ..nn.replace import check_group_size
 from ..nn.replace_embeddings import check_embedding_modules, embeddings_to_float, replace_embeddings, tied_on_load
 from ..pipeline import calibrate_and_quantize
 from ..pipeline.preflight import prepare_calibration, warn_unmatched_modules
+from ..pipeline.sensitivity import check_search
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -72,7 +73,8 @@ class PtqHfQuantizer(HfQuantizer):
     @property
     def calibrating(self) -> bool:
         """True when this load quantizes with a calibrated method (float weights load first, then calibration)."""
-        return not self.pre_quantized and method_spec(self.quantization_config.method).needs_calibration
+        cfg = self.quantization_config
+        return not self.pre_quantized and (method_spec(cfg.method).needs_calibration or cfg.target_bits is not None)
 
     @property
     def quantized_element_size(self) -> float:
@@ -93,7 +95,10 @@ class PtqHfQuantizer(HfQuantizer):
         embeddings = getattr(cfg, "embeddings", None)
         if self.calibrating:  # float weights load normally; check what can fail before reading them
             targets = list(quantizable_linears(model, self.modules_to_not_convert))
-            check_group_size(targets, cfg.scheme.group_size)
+            if cfg.target_bits is None:
+                check_group_size(targets, cfg.scheme_for)
+            else:  # the pinned layers as pinned; the others' candidates fit their shapes; the budget must hold them
+                check_search(model, cfg, targets)
             if embeddings:  # quantized after calibration, which runs with the float embedding and head
                 check_embedding_modules(model, embeddings)
             self._batches = prepare_calibration(model, cfg, self.tokenizer)  # checked; None: data-free
@@ -170,20 +175,19 @@ class PtqHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         return replace_linears(
             model,
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            sym=cfg.sym,
+            scheme_of=cfg.scheme_for,
             skip=self.modules_to_not_convert,
             dtype=dtype,
             compute_dtype=cfg.compute_dtype,
-            act_order=self.pre_quantized and cfg.act_order_modules,
+            act_order_of=cfg.act_order_for if self.pre_quantized and cfg.desc_act else lambda scheme: False,
             expect_float_weight=not self.pre_quantized,
             float_zero_point=method_spec(cfg.method).float_zero_point,
         )
 
     def model_tags(self) -> list[str]:
         """Hub tags of a model quantized with this config."""
-        return ["hf-ptq", self.quantization_config.method, f"{self.quantization_config.bits}-bit"]
+        cfg = self.quantization_config
+        return ["hf-ptq", cfg.method, "mixed-precision" if cfg.mixed else f"{cfg.bits}-bit"]
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
         from ..formats.save import attach_model_methods

@@ -40,7 +40,7 @@ class QuantizeOnLoad(ConversionOps):
                 f"{module_name}.{k}": v for k, v in pack_rows(weight, module.scheme, module.weight_scale.dtype).items()
             }
         else:
-            qweight = method_spec(config.method).quantize_weight(weight, config.scheme, config.options)
+            qweight = method_spec(config.method).quantize_weight(weight, config.scheme_for(module_name), config.options)
             packed = module.packed_tensors(qweight, module_name + ".")
         packed = {k: v.to(weight.device) for k, v in packed.items()}
         release_file_pages(weight)
