@@ -14,20 +14,24 @@ x_t and g_t for evenly spaced tokens of each layer; the candidates are then scor
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..core.bit_budget import assign, candidate_schemes, check_budget, format_report, stored_bits
 from ..core.devices import input_device
 from ..core.layer_schemes import compact_schemes, entry_for, entry_of, scheme_over
+from ..core.page_release import trim_heap
 from ..core.scheme import WeightScheme
 from ..methods import MethodSpec, method_spec
 from ..nn.replace import check_group_size, float_weight, linear_shape
+from .blocks import find_blocks
 from .capture import no_cache_kwargs
 from .offload import read_float_weight
 
@@ -144,6 +148,19 @@ def sequences(batches: list[torch.Tensor], length: int) -> list[torch.Tensor]:
     return [b[:, i : i + length] for b in batches for i in range(0, b.shape[1], length)]
 
 
+def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    """Make each decoder block recompute its activations in the backward pass instead of keeping them (torch's
+    non-reentrant checkpointing, eval mode: no dropout), so that the pass holds one block's activations, not all of
+    them; returns the blocks (`del block.forward` undoes it). None for a model without a block list."""
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError:
+        return []
+    for block in blocks:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    return list(blocks)
+
+
 @torch.no_grad()
 def output_gradients(
     model: nn.Module, targets: list[str], batches: list[torch.Tensor], tokens: int
@@ -157,8 +174,12 @@ def output_gradients(
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     picked: list[torch.Tensor] = []  # positions of the scored tokens in the current batch (flattened)
 
+    recomputing = [False]  # during backward, checkpointed blocks run their forwards again: not a new token
+
     def hook(name: str):
         def fn(module, args, output):
+            if recomputing[0]:
+                return
             rows = picked[0]
             inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1])[rows].to(torch.bfloat16))
 
@@ -170,6 +191,7 @@ def output_gradients(
         return fn
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
+    checkpointed = checkpoint_blocks(model)
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in targets]
     handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     extra = no_cache_kwargs(model)
@@ -187,9 +209,17 @@ def output_gradients(
                 labels = torch.multinomial(
                     flat.detach().softmax(-1), 1, generator=torch.Generator(flat.device).manual_seed(b)
                 )[:, 0]
-                torch.nn.functional.cross_entropy(flat, labels, reduction="sum").backward()
+                loss = torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
                 del logits, flat, labels
+                recomputing[0] = True
+                loss.backward()
+                recomputing[0] = False
+                del loss
+                trim_heap()  # the piece's activations and logits go back to the OS before the next piece
     finally:
+        recomputing[0] = False
+        for block in checkpointed:
+            del block.forward  # the class's forward again
         for handle in handles:
             handle.remove()
         for p, flag in frozen:
@@ -220,6 +250,8 @@ def measure_layers(model: nn.Module, config, targets: list[str], batches: list[t
         else:  # the loss does not depend on this layer (never called): its scheme costs nothing in error
             errors = [0.0] * len(schemes)
         layers.append(LayerChoice(name, in_f * out_f, schemes, costs, errors, pinned))
+    del measured
+    trim_heap()  # the kept inputs and gradients, before the method's own walk allocates
     return layers
 
 
