@@ -103,6 +103,8 @@ def test_output_gradients_are_those_of_the_loss_of_labels_sampled_from_the_model
     batches = [CALIBRATION[:2, :16], CALIBRATION[2:4, :16]]
     got_x, got_g = output_gradients(model, [name, "model.layers.0.self_attn.q_proj"], batches, tokens=16)[name]
     assert all(p.grad is None for p in model.parameters())  # no weight gradient was computed or kept
+    # the blocks recomputed their activations in the backward pass (checkpointed) and have their own forward again
+    assert all("forward" not in vars(block) for block in model.model.layers)
     kept = {}
     handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: kept.update(x=a[0], y=out))
     xs, gs = [], []
@@ -254,3 +256,22 @@ def test_a_pinned_group_size_that_does_not_divide_is_refused_before_loading(tiny
     cfg = _mixed(target_bits=4.0, layer_schemes={"down_proj": {"group_size": 96}})
     with pytest.raises(ValueError, match=r"group_size=96 does not divide in_features=128 .*layer_schemes"):
         AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+
+
+def test_the_gradient_pass_checkpoints_every_block(monkeypatch) -> None:
+    """Each block runs under torch's checkpointing (activations recomputed in the backward pass, not kept)."""
+    import torch.utils.checkpoint
+
+    from hf_ptq.pipeline.sensitivity import output_gradients
+
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    model = FAMILIES["llama"].build(dtype=torch.float32).eval()
+    output_gradients(model, ["model.layers.0.mlp.up_proj"], [CALIBRATION[:1, :16]], tokens=8)
+    assert calls == [False] * len(model.model.layers)
