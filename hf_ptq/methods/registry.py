@@ -41,6 +41,13 @@ class MethodSpec:
     def needs_calibration(self) -> bool:
         return self.statistics is not None
 
+    def quantize_without_statistics(self, weight: Any, scheme: Any, options: Any) -> Any:
+        """The method's rounding with no calibration statistics: a calibrated method's own fallback (`stats=None`),
+        or an uncalibrated method itself."""
+        if self.needs_calibration:
+            return self.quantize_weight(weight, scheme, options, None)
+        return self.quantize_weight(weight, scheme, options)
+
     @property
     def fields(self) -> tuple[str, ...]:
         """The names of the method's own options."""

@@ -29,7 +29,7 @@ from ..core.devices import input_device
 from ..core.layer_schemes import compact_schemes, entry_for, entry_of, scheme_over
 from ..core.page_release import trim_heap
 from ..core.scheme import WeightScheme
-from ..methods import MethodSpec, method_spec
+from ..methods import method_spec
 from ..nn.replace import check_group_size, float_weight, linear_shape
 from .blocks import find_blocks
 from .capture import no_cache_kwargs
@@ -76,8 +76,9 @@ def layer_candidates(config, name: str, in_f: int, out_f: int, scale_bits: int) 
 def scheme_cost(config, in_f: int, out_f: int, scheme: WeightScheme, scale_bits: int) -> int:
     """Stored bits of a layer of this shape under `scheme` with `config`'s method (act-order g_idx, float zeros)."""
     float_zero = method_spec(config.method).float_zero_point
-    act_order = config.act_order_for(scheme) if getattr(config, "desc_act", None) else False
-    return stored_bits(in_f, out_f, scheme, act_order=act_order, scale_bits=scale_bits, float_zero_point=float_zero)
+    return stored_bits(
+        in_f, out_f, scheme, act_order=config.act_order_for(scheme), scale_bits=scale_bits, float_zero_point=float_zero
+    )
 
 
 def check_search(model: nn.Module, config, targets: list[tuple[str, nn.Module]], scale_bits: int = 16) -> None:
@@ -116,13 +117,6 @@ def candidate_errors(
     return errors
 
 
-def _quantizer(spec: MethodSpec, options) -> Callable:
-    """`fn(weight, scheme)`: the method's own rounding without calibration statistics."""
-    if spec.needs_calibration:
-        return lambda w, s: spec.quantize_weight(w, s, options, None)
-    return lambda w, s: spec.quantize_weight(w, s, options)
-
-
 def first_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
     """The first batches holding at least `tokens` tokens (all of them when they hold fewer)."""
     taken, count = [], 0
@@ -134,9 +128,9 @@ def first_tokens(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]
     return taken
 
 
-def scored_tokens(model: nn.Module, targets: list[str], candidates: int, total: int) -> int:
-    """How many tokens each layer is scored on: what `SCORED_BYTES` and `SCORING_MACS` allow, clamped."""
-    shapes = [linear_shape(model.get_submodule(n)) for n in targets]
+def scored_tokens(shapes: list[tuple[int, int]], candidates: int, total: int) -> int:
+    """How many tokens each layer, of (in, out) `shapes`, is scored on: what `SCORED_BYTES` and `SCORING_MACS`
+    allow, clamped."""
     per_token = sum(i + o for i, o in shapes) * 2  # bf16 input and gradient rows
     macs = sum(i * o for i, o in shapes) * candidates
     wanted = min(SCORED_BYTES // max(per_token, 1), SCORING_MACS // max(macs, 1))
@@ -237,9 +231,9 @@ def measure_layers(model: nn.Module, config, targets: list[str], batches: list[t
     shapes = {n: linear_shape(model.get_submodule(n)) for n in targets}
     candidates = {n: layer_candidates(config, n, *shapes[n], scale_bits) for n in targets}
     most = max(len(c[0]) for c in candidates.values())
-    tokens = scored_tokens(model, targets, most, sum(b.numel() for b in batches))
+    tokens = scored_tokens(list(shapes.values()), most, sum(b.numel() for b in batches))
     measured = output_gradients(model, targets, batches, tokens)
-    quantize = _quantizer(spec, config.options)
+    quantize = functools.partial(spec.quantize_without_statistics, options=config.options)
     layers = []
     for name in tqdm(targets, desc=f"hf_ptq sensitivity ({config.method} candidates)", unit="layer"):
         (in_f, out_f), (schemes, pinned) = shapes[name], candidates[name]

@@ -194,7 +194,7 @@ def quantize_group(
         require_finite_weight(weight, prefix + name)
     schemes = [config.scheme_for(prefix + n) for n in group]
     with naming_layers([prefix + n for n in group]):
-        if stats is None:
+        if stats is None and spec.needs_calibration:
             logger.warning("hf_ptq: %s saw no calibration input; quantized with RTN instead.", ", ".join(group))
         elif smoother is not None:
             stacked = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
@@ -207,7 +207,10 @@ def quantize_group(
         for scheme in dict.fromkeys(schemes):
             members = [i for i, sc in enumerate(schemes) if sc == scheme]
             stacked = torch.cat([weights[i] for i in members], 0) if len(members) > 1 else weights[members[0]]
-            qw = spec.quantize_weight(stacked, scheme, config.options, stats)
+            if stats is None:
+                qw = spec.quantize_without_statistics(stacked, scheme, config.options)
+            else:
+                qw = spec.quantize_weight(stacked, scheme, config.options, stats)
             row = 0
             for i in members:
                 results[i] = qw.rows(slice(row, row + weights[i].shape[0]))
@@ -396,18 +399,9 @@ def quantize_without_statistics(model: nn.Module, config, targets: list[str]) ->
     """Quantize the Linears `targets` one by one with a method that reads no statistics (RTN, HQQ), each on its own
     scheme (`config.scheme_for`); returns their names."""
     spec = method_spec(config.method)
-    dtype = _float_dtype(model)
-    release = checkpoint_files_mapped()
+    dtype, release = _float_dtype(model), checkpoint_files_mapped()
     for name in tqdm(targets, desc=f"hf_ptq {config.method}", unit="layer"):
-        module = model.get_submodule(name)
-        weight = read_float_weight(module).to(dtype)
-        require_finite_weight(weight, name)
-        with naming_layers([name]):
-            qw = spec.quantize_weight(weight, config.scheme_for(name), config.options)
-        install_quantized(model, name, module, qw, config, dtype)
-        if release:
-            release_file_pages(float_weight(module))
-        del weight, qw
+        quantize_group(model, [name], None, spec, config, dtype, release_pages=release)
     return list(targets)
 
 

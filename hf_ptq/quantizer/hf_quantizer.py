@@ -179,7 +179,7 @@ class PtqHfQuantizer(HfQuantizer):
             skip=self.modules_to_not_convert,
             dtype=dtype,
             compute_dtype=cfg.compute_dtype,
-            act_order_of=cfg.act_order_for if self.pre_quantized and cfg.desc_act else lambda scheme: False,
+            act_order_of=cfg.act_order_for if self.pre_quantized else lambda scheme: False,
             expect_float_weight=not self.pre_quantized,
             float_zero_point=method_spec(cfg.method).float_zero_point,
         )

@@ -40,7 +40,8 @@ class QuantizeOnLoad(ConversionOps):
                 f"{module_name}.{k}": v for k, v in pack_rows(weight, module.scheme, module.weight_scale.dtype).items()
             }
         else:
-            qweight = method_spec(config.method).quantize_weight(weight, config.scheme_for(module_name), config.options)
+            spec = method_spec(config.method)
+            qweight = spec.quantize_without_statistics(weight, config.scheme_for(module_name), config.options)
             packed = module.packed_tensors(qweight, module_name + ".")
         packed = {k: v.to(weight.device) for k, v in packed.items()}
         release_file_pages(weight)
