@@ -61,7 +61,25 @@ ROWS = {
         ("hf_ptq", dict(method="gptq", sym=False, desc_act=False, keep="q4_k_m"), "q4_k_m"),
     ),
     "hf-awq-q4_k_m": ("hf_ptq awq w4 g32 asym → q4_k_m", ("hf_ptq", dict(method="awq", sym=False), "q4_k_m")),
+    # each Linear quantized onto the grid of its Q4_K_M type (`hf_ptq.gguf_layer_schemes`): Q5_0 / Q8_0 / Q6_K / Q4_K
+    "hf-rtn-grid-q4_k_m": (
+        "hf_ptq rtn, Q4_K_M's grids (gguf_layer_schemes) → q4_k_m",
+        ("hf_ptq", dict(method="rtn", sym=False, grid="q4_k_m"), "q4_k_m"),
+    ),
+    "hf-gptq-grid-q4_k_m": (
+        "hf_ptq gptq, Q4_K_M's grids, no act-order → q4_k_m",
+        ("hf_ptq", dict(method="gptq", sym=False, desc_act=False, grid="q4_k_m"), "q4_k_m"),
+    ),
+    "hf-gptq-grid-static-q4_k_m": (
+        "hf_ptq gptq, Q4_K_M's grids, act-order static groups → q4_k_m",
+        ("hf_ptq", dict(method="gptq", sym=False, desc_act=True, static_groups=True, grid="q4_k_m"), "q4_k_m"),
+    ),
+    "hf-awq-grid-q4_k_m": (
+        "hf_ptq awq, Q4_K_M's grids → q4_k_m",
+        ("hf_ptq", dict(method="awq", sym=False, grid="q4_k_m"), "q4_k_m"),
+    ),
 }
+OURS_Q4_K_M = [r for r in ROWS if r.startswith(("hf-gptq", "hf-awq")) and r.endswith("q4_k_m")]
 
 
 def tool(bin_dir: Path, name: str, *args: str) -> str:
@@ -114,6 +132,9 @@ def hf_ptq_row(row: str, work: Path, float_dir: Path, calibration) -> tuple[Path
     _, (_, options, gguf_type) = ROWS[row]
     options = dict(options)
     keep = options.pop("keep", None)
+    grid = options.pop("grid", None)
+    if grid:  # every Linear on the grid of the type the preset exports it as
+        options["layer_schemes"] = hf_ptq.gguf_layer_schemes(float_dir, grid)
     if keep:  # the tensors the preset writes with more bits stay float in the model, quantized from float on export
         from transformers import AutoConfig
 
@@ -225,7 +246,7 @@ def main() -> None:
             quantize = f"{seconds[row]:.0f}" if row in seconds else ""
             print(f"| {ROWS[row][0]} | {results[row][0]:.0f} | {ppl:.2f} | {pp:.1f} | {tg:.1f} | {quantize} |")
         pairs = [(ours, theirs) for ours in ("hf-gptq-q4_0", "hf-gptq-static-q4_0") for theirs in ("llama-q4_0",
-                 "llama-q4_0-imatrix")] + [(ours, theirs) for ours in ("hf-gptq-q4_k_m", "hf-gptq-keep-q4_k_m")
+                 "llama-q4_0-imatrix")] + [(ours, theirs) for ours in OURS_Q4_K_M
                  for theirs in ("llama-q4_k_m", "llama-q4_k_m-imatrix")]  # fmt: skip
         for ours, theirs in pairs:
             if ours in results and theirs in results:

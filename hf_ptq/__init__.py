@@ -15,6 +15,7 @@ from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
 from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
 from .formats.export import export, format_names
+from .formats.gguf_schemes import gguf_layer_schemes
 from .formats.hub import push_to_hub
 from .formats.safetensors_file import CheckpointError
 from .formats.verify import VerifyReport, verify
@@ -47,6 +48,7 @@ __all__ = [
     "evaluate",
     "export",
     "format_names",
+    "gguf_layer_schemes",
     "method_names",
     "push_to_hub",
     "quantize",

@@ -67,7 +67,8 @@ class PtqConfig(HfPtqConfig):
     Args:
         method: algorithm name; see `hf_ptq.methods.method_names()` (`"rtn"`, `"int8"`, `"gptq"`, `"hqq"`, `"nf4"`,
             `"fp4"`, `"llm_int8"`, ...), or `"auto"` to let the decision tree of `hf_ptq.auto_method` choose.
-        bits: weight bit width, one of 2, 3, 4, 8 (default 4; `int8` and `llm_int8` always use 8, `nf4` / `fp4` 4).
+        bits: weight bit width, one of 2, 3, 4, 5, 6, 8 (default 4; `int8` and `llm_int8` always use 8, `nf4` /
+            `fp4` 4; `hqq` takes 2, 3, 4, 8).
         group_size: input channels sharing one scale: a positive divisor of every quantized layer's
             in_features, `-1` for one scale per output channel, `0` for one scale per tensor (default 128; 64 for
             `hqq`, `nf4` and `fp4`, whose block size is one of 32, 64, ..., 4096).
@@ -207,11 +208,38 @@ class PtqConfig(HfPtqConfig):
                 f"live in {spec.backend}'s modules: hf_ptq quantizes embeddings only next to its own packed layers. "
                 f"Drop embeddings (embeddings=None) or choose method={' / '.join(map(repr, ours))}.{self._auto_note()}"
             )
+        self._check_layer_entries(spec)
         if spec.check is not None:
             try:
                 spec.check(self)
             except ValueError as exc:
                 raise ValueError(f"{exc}{self._auto_note()}") from None
+
+    def _check_layer_entries(self, spec: MethodSpec) -> None:
+        """The config's scheme and every per-layer entry must be one the method quantizes: its bit widths, the full
+        range only where it takes it, and none of the fields it fixes (HQQ's asymmetry) set otherwise."""
+        maps = {f: getattr(self, f, None) or {} for f in ("layer_schemes", "chosen_schemes")}
+        for field, entry in [("bits", {"bits": self.bits})] + [
+            (f"{f}[{p!r}]", e) for f, m in maps.items() for p, e in m.items()
+        ]:
+            bits = entry.get("bits")
+            if spec.bit_widths is not None and bits is not None and bits not in spec.bit_widths:
+                raise ValueError(
+                    f"PtqConfig.{field}: bits={bits!r} is invalid for method={self.method!r}, which quantizes "
+                    f"{', '.join(map(str, spec.bit_widths))}-bit weights; choose one of those or method='rtn' / "
+                    f"'gptq' / 'awq'.{self._auto_note()}"
+                )
+            if entry.get("full_range") and not spec.full_range:
+                raise ValueError(
+                    f"PtqConfig.{field}: full_range=True does not apply to method={self.method!r}; it is a grid of "
+                    f"method='rtn' / 'gptq' / 'awq'. Drop full_range or change the method.{self._auto_note()}"
+                )
+            for key, forced in spec.forced_fields.items():
+                if key in entry and entry[key] != forced:
+                    raise ValueError(
+                        f"PtqConfig.{field}: {key}={entry[key]!r} does not apply to method={self.method!r}, which "
+                        f"always uses {key}={forced!r}; drop {key!r} from the entry.{self._auto_note()}"
+                    )
 
     def _check_options_apply(self, spec: MethodSpec) -> None:
         """A keyword option given to a method that does not read it is refused, naming the methods that do."""

@@ -24,10 +24,10 @@ from hf_ptq.quantizer import PtqHfQuantizer
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"bits": 0}, "bits", ["2", "3", "4", "8"]),
-        ({"bits": 5}, "bits", ["2", "3", "4", "8"]),
-        ({"bits": "4"}, "bits", ["2", "3", "4", "8"]),
-        ({"bits": True}, "bits", ["2", "3", "4", "8"]),
+        ({"bits": 0}, "bits", ["2", "3", "4", "5", "6", "8"]),
+        ({"bits": 7}, "bits", ["2", "3", "4", "5", "6", "8"]),
+        ({"bits": "4"}, "bits", ["2", "3", "4", "5", "6", "8"]),
+        ({"bits": True}, "bits", ["2", "3", "4", "5", "6", "8"]),
         ({"group_size": -7}, "group_size", ["-1", "0", "positive"]),
         ({"group_size": 3.5}, "group_size", ["-1", "0", "positive"]),
         ({"method": "magic"}, "method", ["'rtn'", "'int8'"]),

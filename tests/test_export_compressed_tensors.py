@@ -42,6 +42,8 @@ CONFIGS = {
     "rtn-w4-channel-sym": lambda: PtqConfig(bits=4, group_size=-1, sym=True),
     "int8": lambda: PtqConfig(method="int8"),
     "rtn-w3-tensor-asym": lambda: PtqConfig(bits=3, group_size=0),
+    "rtn-w5-g32-sym-full-range": lambda: PtqConfig(bits=5, group_size=32, sym=True, full_range=True),  # GGUF's grids
+    "rtn-w6-g16-asym": lambda: PtqConfig(bits=6, group_size=16),
     "rtn-w2-g32-sym-skip-down": lambda: PtqConfig(
         bits=2, group_size=32, sym=True, modules_to_not_convert=["down_proj"]
     ),

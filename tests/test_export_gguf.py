@@ -37,6 +37,15 @@ CASES = {
     # Q4_K_M on rows of 64 inputs: llama.cpp's fallback Q5_0 holds a 4-bit asymmetric grid (n in [-15, 15]) exactly
     "w4-g32-asym-q4_k_m": (lambda: PtqConfig(bits=4, group_size=32), "q4_k_m", "Q5_0", True),
     "w4-g32-sym-q4_0-preset": (lambda: PtqConfig(bits=4, group_size=32, sym=True), "q4_0", "Q4_0", True),
+    # GGUF's 5- and 6-bit grids
+    "w5-g32-sym-full-range": (
+        lambda: PtqConfig(bits=5, group_size=32, sym=True, full_range=True),
+        "auto",
+        "Q5_0",
+        True,
+    ),
+    "w5-g64-asym": (lambda: PtqConfig(bits=5, group_size=64), "auto", "Q5_1", True),
+    "w6-g32-sym": (lambda: PtqConfig(bits=6, group_size=32, sym=True), "auto", "Q8_0", True),
 }
 
 
@@ -111,7 +120,9 @@ def test_transformers_reads_the_export(case, small_model_dir, tokenizer, tmp_pat
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):
             got, expected = loaded.get_submodule(name).weight.data, layer.dequantized_weight(torch.float32)
-            if written == "Q4_1" and exact:  # the integers and scales exact, m = scale * offset rounded to fp16
+            if (
+                written in ("Q4_1", "Q5_1") and exact
+            ):  # the integers and scales exact, m = scale * offset rounded to fp16
                 assert (got - expected).abs().max() <= expected.abs().max() * 2**-10, name
             elif exact:
                 assert torch.equal(got, expected), name
@@ -120,7 +131,7 @@ def test_transformers_reads_the_export(case, small_model_dir, tokenizer, tmp_pat
     if exact:
         # stated tolerances: 1e-6 relative L2 against the dequantized weights run in fp32 (Q4_0, Q8_0: only the
         # fp16 embedding differs), 1e-3 for Q4_1; 2 % against hf_ptq's own bf16 kernels
-        assert rel_err(theirs, logits(reference, tokenizer)) < (1e-3 if written == "Q4_1" else 1e-6)
+        assert rel_err(theirs, logits(reference, tokenizer)) < (1e-3 if written in ("Q4_1", "Q5_1") else 1e-6)
         assert rel_err(theirs, ours) < 0.02
     else:  # quantized a second time (asymmetric 4-bit into symmetric Q4_0)
         assert rel_err(theirs, ours) < 0.25
@@ -412,3 +423,86 @@ def test_a_mixed_precision_model_gets_a_type_per_tensor(small_model_dir, tokeniz
                 assert (got - expected).abs().max() <= expected.abs().max() * 2**-10, name  # Q4_1's m in fp16
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj' has 8-bit weights, more than Q\w+ holds"):
         hf_ptq.export(model, tmp_path / "k", format="gguf", gguf_type="q4_k_m")
+
+
+def _gguf_grid_model(config, tmp_path: Path, gguf_type: str) -> torch.nn.Module:
+    """A random bf16 model of `config` loaded back with RTN on the grids `gguf_layer_schemes` gives `gguf_type`."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "float")
+    schemes = hf_ptq.gguf_layer_schemes(config, gguf_type)
+    cfg = PtqConfig(bits=4, group_size=32, layer_schemes=schemes)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+
+
+def test_gguf_layer_schemes_quantize_each_layer_onto_the_grid_its_type_holds(tokenizer, tmp_path, caplog) -> None:
+    """On rows that are not whole super-blocks Q4_K_M writes llama.cpp's fallbacks, Q5_0 (Q8_0 for attn_v / ffn_down
+    of its more-bits layers, block 1 of 2): with `gguf_layer_schemes` every Linear is quantized on 5-bit symmetric
+    full-range or 8-bit groups of 32, written exactly and read back by transformers as hf_ptq's weights."""
+    from transformers import LlamaConfig
+
+    from hf_ptq.formats.gguf_schemes import layer_types
+
+    config = LlamaConfig(tie_word_embeddings=False, **_small_llama(tokenizer))
+    types = layer_types(config, "q4_k_m")
+    assert {n: t for n, t in types.items() if t != "Q5_0"} == {
+        "model.layers.1.self_attn.v_proj": "Q8_0",
+        "model.layers.1.mlp.down_proj": "Q8_0",
+    }
+    model = _gguf_grid_model(config, tmp_path, "q4_k_m")
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            bits = 8 if types[name] == "Q8_0" else 5
+            assert (layer.bits, layer.group_size, layer.sym) == (bits, 32, True), name
+            assert int(layer.quantized_weight().q.min()) == -(2 ** (bits - 1))  # the full range: -16 / -128 used
+    with caplog.at_level(logging.WARNING):
+        folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, gguf_type="q4_k_m")
+    assert "quantized again" not in caplog.text
+    path = gguf_file(folder)
+    reader = gguf.GGUFReader(path)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.ffn_down.weight"] == kinds["blk.1.attn_q.weight"] == "Q5_0"
+    assert kinds["blk.1.attn_v.weight"] == kinds["blk.1.ffn_down.weight"] == "Q8_0"
+    assert reader.fields["hf_ptq.encoding"].contents() == "exact: 14, from float: 2"
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear) and not name.endswith(("q_proj", "k_proj")):  # k / q rows permuted
+            assert torch.equal(loaded.get_submodule(name).weight.data, layer.dequantized_weight(torch.float32)), name
+
+
+def test_gguf_layer_schemes_on_super_blocks_keep_the_integers_of_q4_k_and_q6_k(tokenizer, tmp_path) -> None:
+    """On rows of 256 inputs Q4_K_M's layers are Q4_K (a 4-bit asymmetric grid of 32) and Q6_K (6-bit symmetric
+    full-range groups of 16): refitted to the K-quants' sub-scales, every weight stays within a fraction of a step
+    of hf_ptq's, so its integer is kept."""
+    from transformers import LlamaConfig
+
+    shape = _small_llama(tokenizer) | dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8)
+    model = _gguf_grid_model(LlamaConfig(tie_word_embeddings=False, **shape), tmp_path, "q4_k_m")
+    folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer, gguf_type="q4_k_m")
+    path = gguf_file(folder)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name)
+    seen = set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear) or name.endswith(("q_proj", "k_proj")):
+            continue
+        leaf = name.split(".")[-1][: -len("_proj")]
+        role = {"v": "attn_v", "o": "attn_output"}.get(leaf, f"ffn_{leaf}")
+        kind = kinds[f"blk.{name.split('.')[2]}.{role}.weight"]
+        seen.add(kind)
+        assert (layer.bits, layer.group_size) == {"Q4_K": (4, 32), "Q6_K": (6, 16)}[kind], name
+        got, expected = loaded.get_submodule(name).weight.data, layer.dequantized_weight(torch.float32)
+        step = layer.quantized_weight().scale.float().abs().repeat_interleave(layer.group_size, dim=1)
+        moved = (got - expected).abs() / step
+        assert moved.max() < 0.5 and moved.mean() < 0.05, (name, kind, float(moved.max()))
+    assert seen == {"Q4_K", "Q6_K"}
+
+
+def test_gguf_layer_schemes_refuses_what_it_cannot_describe() -> None:
+    from transformers import GPT2Config, LlamaConfig
+
+    with pytest.raises(ValueError, match=r"gguf_type='auto' is invalid: it must be one of q8_0, q4_0"):
+        hf_ptq.gguf_layer_schemes(LlamaConfig(), "auto")
+    with pytest.raises(ValueError, match=r"supports model types llama, .*this model is 'gpt2'"):
+        hf_ptq.gguf_layer_schemes(GPT2Config(), "q4_k_m")
+    with pytest.raises(TypeError, match="model_config must be a transformers config or a model id"):
+        hf_ptq.gguf_layer_schemes(42, "q4_k_m")

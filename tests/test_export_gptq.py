@@ -148,3 +148,10 @@ def test_unsupported_shapes_fail_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'model.layers.0.mlp.gate_proj' has out_features=80, not a multiple of 32"):
         hf_ptq.export(model, tmp_path / "out", format="gptq")
     assert not list(tmp_path.iterdir())
+
+
+def test_five_and_six_bit_weights_are_refused_naming_the_formats_that_hold_them(tmp_path) -> None:
+    model = hf_ptq.quantize(FAMILIES["llama"].build(), PtqConfig(bits=5, group_size=32, sym=True))
+    with pytest.raises(ValueError, match=r"writes 2, 3, 4, 8-bit weights .* this model's are 5-bit\. Export it with"):
+        hf_ptq.export(model, tmp_path / "gptq", format="gptq")
+    assert not (tmp_path / "gptq").exists()

@@ -60,7 +60,7 @@ def random_weight(out_f: int = 48, in_f: int = 128, seed: int = 0) -> torch.Tens
 
 
 # --- core: RTN grid, scales, clip search ---------------------------------------------------------------------
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
 @pytest.mark.parametrize("group_size", (32, -1, 0))
 def test_rtn_matches_the_reference_and_uses_the_lowest_level(bits: int, group_size: int) -> None:
     w = random_weight()

@@ -112,6 +112,26 @@ def test_llama_cpp_runs_the_export(gguf_type, smollm2_rtn, tmp_path) -> None:
     assert_same_perplexity(path, tokenizer, PROSE * 40, tmp_path)
 
 
+def test_llama_cpp_runs_a_model_quantized_on_the_presets_own_grids(tmp_path) -> None:
+    """SmolLM2 quantized with `gguf_layer_schemes(..., "q4_k_m")` (5-bit, 6-bit, 8-bit and 4-bit layers) exports to
+    Q4_K_M with llama-quantize's tensor types, and llama.cpp runs it as transformers' reader does."""
+    from hf_ptq.default_model import smollm2_checkpoint
+
+    source = smollm2_checkpoint()
+    cfg = PtqConfig(bits=4, group_size=32, layer_schemes=hf_ptq.gguf_layer_schemes(source, "q4_k_m"))
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder = hf_ptq.export(model, tmp_path / "gguf", format="gguf", gguf_type="q4_k_m", tokenizer=tokenizer)
+    (path,) = folder.glob("*.gguf")
+    reader = gguf.GGUFReader(path)
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert {"Q5_0", "Q8_0", "Q4_K", "Q6_K"} <= kinds
+    assert "quantized again" not in reader.fields["hf_ptq.encoding"].contents()
+    generated = run("llama-simple", "-m", str(path), "-n", "12", "The capital of France is")
+    assert "Paris" in generated, generated[-500:]
+    assert_same_perplexity(path, tokenizer, PROSE * 40, tmp_path)
+
+
 def test_k_quant_mixes_choose_the_types_llama_quantize_chooses(smollm2_rtn, tmp_path) -> None:
     """llama-quantize's Q4_K_M of our F16-embedding Q8_0 file types every tensor as our own q4_k_m export does."""
     reference = hf_ptq.export(str(smollm2_rtn), tmp_path / "q8", format="gguf", gguf_type="q8_0")

@@ -116,7 +116,8 @@ def test_int8_kernel_matches_reference(calls: Counter, bias: bool, rows: int) ->
 
 
 @pytest.mark.parametrize(
-    ("bits", "group_size", "sym"), [(4, 32, False), (4, -1, True), (8, -1, True), (8, 32, False), (3, 32, True)]
+    ("bits", "group_size", "sym"),
+    [(4, 32, False), (4, -1, True), (8, -1, True), (8, 32, False), (3, 32, True), (5, 32, True), (6, 16, False)],
 )
 def test_dequant_path_many_rows(calls: Counter, bits: int, group_size: int, sym: bool) -> None:
     layer = make_layer(bits=bits, group_size=group_size, sym=sym)
@@ -124,7 +125,10 @@ def test_dequant_path_many_rows(calls: Counter, bits: int, group_size: int, sym:
     assert calls == Counter(dense_matmul=2)
 
 
-@pytest.mark.parametrize(("bits", "group_size", "sym"), [(4, 32, False), (8, -1, True), (2, 16, False), (4, 0, True)])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "sym"),
+    [(4, 32, False), (8, -1, True), (2, 16, False), (4, 0, True), (5, 32, False), (6, 16, True)],
+)
 def test_fp32_compute_equals_reference(calls: Counter, bits: int, group_size: int, sym: bool) -> None:
     """compute_dtype="float32" with fp32 input is the reference computation (up to fp32 summation order)."""
     layer = make_layer(bits=bits, group_size=group_size, sym=sym, compute_dtype="float32")
@@ -167,9 +171,12 @@ def test_two_and_three_bit_layers_run_the_int4_kernel(calls: Counter, bits, grou
 
 
 def test_no_kernel_for_unsupported_layouts(calls: Counter) -> None:
-    """Asymmetric / grouped 8-bit, group 16 (4- and 3-bit) and in_features 48 per-channel use the dequantize path."""
+    """Asymmetric / grouped 8-bit, group 16 (4- and 3-bit), in_features 48 per-channel and 5- / 6-bit layers (GGUF's
+    Q5 / Q6_K grids: no packed kernel) use the dequantize path."""
     layers = [
         make_layer(bits=3, group_size=16),
+        make_layer(bits=5, group_size=32, sym=True),
+        make_layer(bits=6, group_size=16, sym=True),
         make_layer(bits=8, group_size=-1, sym=False),
         make_layer(bits=8, group_size=32, sym=True),
         make_layer(bits=4, group_size=16),

@@ -232,10 +232,11 @@ def test_a_budget_below_the_cheapest_schemes_is_refused_before_any_weight_is_rea
     ("value", "message"),
     [
         (
-            {"down_proj": {"bits": 5}},
-            r"layer_schemes\['down_proj'\]: bits=5 is invalid: bits must be one of 2, 3, 4, 8",
+            {"down_proj": {"bits": 7}},
+            r"layer_schemes\['down_proj'\]: bits=7 is invalid: bits must be one of 2, 3, 4, 5, 6, 8",
         ),
-        ({"down_proj": {"sym": True}}, r"with keys among \('bits', 'group_size'\)"),
+        ({"down_proj": {"sign": True}}, r"with keys among \('bits', 'group_size', 'sym', 'full_range'\)"),
+        ({"down_proj": {"full_range": True}}, r"layer_schemes\['down_proj'\]: full_range=True needs sym=True"),
         ({"(down": {"bits": 8}}, r"not a valid regex"),
         (["down_proj"], r"PtqConfig\.layer_schemes=\['down_proj'\] is invalid"),
     ],
@@ -275,3 +276,22 @@ def test_the_gradient_pass_checkpoints_every_block(monkeypatch) -> None:
     model = FAMILIES["llama"].build(dtype=torch.float32).eval()
     output_gradients(model, ["model.layers.0.mlp.up_proj"], [CALIBRATION[:1, :16]], tokens=8)
     assert calls == [False] * len(model.model.layers)
+
+
+def test_layer_entries_set_symmetry_and_range_per_layer_within_what_the_method_takes() -> None:
+    """An entry's sym / full_range override the config's for that layer only (asymmetric entries drop the config's
+    full range); a method refuses entries it cannot quantize, naming the entry."""
+    pins = {"q_proj": {"bits": 5, "sym": True, "full_range": True}, "down_proj": {"sym": False}}
+    cfg = PtqConfig(method="gptq", bits=4, group_size=32, sym=True, full_range=True, layer_schemes=pins)
+    q, down, up = (cfg.scheme_for(f"model.layers.0.{n}") for n in ("self_attn.q_proj", "mlp.down_proj", "mlp.up_proj"))
+    assert (q.bits, q.sym, q.full_range) == (5, True, True)
+    assert (down.bits, down.sym, down.full_range) == (4, False, False)
+    assert (up.bits, up.sym, up.full_range) == (4, True, True)
+    with pytest.raises(ValueError, match=r"layer_schemes\['q_proj'\]: bits=5 is invalid for method='hqq'"):
+        PtqConfig(method="hqq", layer_schemes={"q_proj": {"bits": 5}})
+    with pytest.raises(ValueError, match=r"layer_schemes\['q_proj'\]: sym=True does not apply to method='hqq'"):
+        PtqConfig(method="hqq", layer_schemes={"q_proj": {"sym": True}})
+    with pytest.raises(ValueError, match=r"layer_schemes\['q_proj'\]: full_range=True does not apply to method='hqq'"):
+        PtqConfig(method="hqq", layer_schemes={"q_proj": {"sym": True, "full_range": True}})
+    with pytest.raises(ValueError, match=r"PtqConfig\.bits: bits=6 is invalid for method='hqq'"):
+        PtqConfig(method="hqq", bits=6)

@@ -9,7 +9,7 @@ import torch
 
 from hf_ptq.core.packing import pack_int32, packed_width, unpack_int32
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 COLS = (1, 7, 31, 32, 33, 50, 64, 97)
 
 

@@ -52,7 +52,7 @@ def weight(shape=(12, 64), seed=0, dtype=torch.bfloat16) -> torch.Tensor:
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
 @pytest.mark.parametrize("group_size", GRANULARITIES)
 @pytest.mark.parametrize("sym", (True, False))
 def test_quantize_matches_reference(bits: int, group_size: int, sym: bool) -> None:
@@ -106,7 +106,7 @@ def test_error_with_bf16_scales(bits: int, group_size: int, sym: bool) -> None:
     assert torch.all((deq == lo) | (deq == hi) | inside)
 
 
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
 @pytest.mark.parametrize("group_size", (0, -1, 8))
 def test_zero_exactly_representable_asym(bits: int, group_size: int) -> None:
     """Exact zeros survive asymmetric quantization, also in groups that are otherwise all positive/negative."""

@@ -134,12 +134,12 @@ def test_converted_gptq_checkpoint_exports_like_an_hf_ptq_model(tmp_path):
     assert again.config.quantization_config.converted_from["quant_method"] == "compressed-tensors"
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_hf_ptq_compressed_tensors_export_loads_back_on_hf_ptq(tmp_path, tiny_llama_dir, sym):
+@pytest.mark.parametrize(("sym", "bits"), [(True, 4), (False, 4), (True, 5), (False, 6)])
+def test_hf_ptq_compressed_tensors_export_loads_back_on_hf_ptq(tmp_path, tiny_llama_dir, sym, bits):
     """hf_ptq's own compressed-tensors export (asymmetric ones carry `dequantize: true` for transformers' reader)
-    loads on hf_ptq's packed modules, still quantized, and saves again."""
+    loads on hf_ptq's packed modules, still quantized, and saves again; 5- and 6-bit (GGUF's grids) too."""
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_llama_dir, quantization_config=hf_ptq.PtqConfig(bits=4, group_size=32, sym=sym)
+        tiny_llama_dir, quantization_config=hf_ptq.PtqConfig(bits=bits, group_size=32, sym=sym)
     )
     hf_ptq.export(model, tmp_path / "ct", format="compressed-tensors")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
@@ -149,6 +149,7 @@ def test_hf_ptq_compressed_tensors_export_loads_back_on_hf_ptq(tmp_path, tiny_ll
     again.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "compressed-tensors" and saved_hf_ptq_config(saved)["sym"] == sym
+    assert again.get_submodule(name).bits == bits
 
 
 class _TransformersQuantizer:

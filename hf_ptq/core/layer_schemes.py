@@ -1,10 +1,11 @@
-"""Per-layer schemes: a `{pattern: {"bits": b, "group_size": g}}` map, how a layer name finds its entry, and the
-compact map written to config.json for a chosen assignment.
+"""Per-layer schemes: a `{pattern: {"bits": b, "group_size": g, "sym": s, "full_range": f}}` map, how a layer name
+finds its entry, and the compact map written to config.json for a chosen assignment.
 
 A pattern matches a module name when it equals the name, is a dotted suffix of it (`"mlp.down_proj"`), or
 matches the whole name as a regular expression (`r"model\\.layers\\.(0|1)\\.mlp\\.down_proj"`); the first matching
-pattern, in the map's order, wins. A value sets the layer's `bits` and / or `group_size`; symmetry and the full
-range are the config's, model-wide. No torch here: configs and the CLI read it.
+pattern, in the map's order, wins. A value sets any of the layer's `bits`, `group_size`, `sym` and `full_range`; what
+it leaves out is the config's (e.g. `formats.gguf_schemes` maps GGUF's Q5_0 layers to a symmetric full-range 5-bit
+grid and its Q4_K layers to an asymmetric 4-bit one). No torch here: configs and the CLI read it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 from .options import InvalidOption
 from .scheme import WeightScheme
 
-SCHEME_KEYS = ("bits", "group_size")
+SCHEME_KEYS = ("bits", "group_size", "sym", "full_range")
 _ALLOWED = (
-    'a dict {pattern: {"bits": b, "group_size": g}} (pattern: a module name, a dotted suffix such as '
-    '"mlp.down_proj", or a regular expression matching whole names; b one of 2, 3, 4, 8; g a group size)'
+    'a dict {pattern: {"bits": b, "group_size": g, "sym": s, "full_range": f}}, any of the keys (pattern: a module '
+    'name, a dotted suffix such as "mlp.down_proj", or a regular expression matching whole names; b one of 2, 3, 4, '
+    "5, 6, 8; g a group size; s, f booleans)"
 )
 
 
@@ -49,10 +51,13 @@ def check_layer_schemes(field: str, value: Any, base: WeightScheme) -> None:
 
 
 def scheme_over(base: WeightScheme, entry: dict[str, Any] | None) -> WeightScheme:
-    """`base` with the entry's bits / group size (validated by `WeightScheme`)."""
+    """`base` with the entry's fields (validated by `WeightScheme`). An entry that makes a layer asymmetric drops the
+    config's full range (which needs symmetry) unless it sets full_range itself."""
     if not entry:
         return base
     fields = {"bits": base.bits, "group_size": base.group_size, "sym": base.sym, "full_range": base.full_range}
+    if entry.get("sym") is False and "full_range" not in entry:
+        fields["full_range"] = False
     return WeightScheme(**{**fields, **entry})
 
 
@@ -69,9 +74,14 @@ def entry_for(schemes: dict[str, dict] | None, name: str) -> tuple[str, dict] | 
     return None
 
 
-def entry_of(scheme: WeightScheme) -> dict[str, int]:
-    """The map entry of a chosen scheme."""
-    return {"bits": scheme.bits, "group_size": scheme.group_size}
+def entry_of(scheme: WeightScheme, base: WeightScheme | None = None) -> dict[str, Any]:
+    """The map entry of a chosen scheme: its bits and group size, and its symmetry and range where they differ from
+    `base` (the config's)."""
+    entry: dict[str, Any] = {"bits": scheme.bits, "group_size": scheme.group_size}
+    for field in ("sym", "full_range"):
+        if base is not None and getattr(scheme, field) != getattr(base, field):
+            entry[field] = getattr(scheme, field)
+    return entry
 
 
 def compact_schemes(assignment: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:

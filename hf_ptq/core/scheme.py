@@ -1,8 +1,9 @@
 """`WeightScheme`: the integer grid of a quantized weight, the plain data every method and module reads.
 
-`bits` per value; `group_size` input channels share one scale (and zero point): > 0 per group, -1 one per output
-channel, 0 one per tensor; `sym`: no zero point; `full_range` (symmetric only): the grid of all 2^b levels, with
-scale = signed extreme / -2^(b-1), as llama.cpp's Q4_0 (`hf_ptq.core.quant.compute_qparams`).
+`bits` per value (5 and 6 are the grids of GGUF's Q5_0 / Q5_1 / Q5_K and Q6_K, so that a layer can be quantized
+onto the type it is exported as); `group_size` input channels share one scale (and zero point): > 0 per group, -1 one
+per output channel, 0 one per tensor; `sym`: no zero point; `full_range` (symmetric only): the grid of all 2^b
+levels, with scale = signed extreme / -2^(b-1), as llama.cpp's Q4_0 (`hf_ptq.core.quant.compute_qparams`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 
 from .options import InvalidOption, Options, is_int, option, switch
 
-ALLOWED_BITS = (2, 3, 4, 8)
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def _is_group_size(value: object) -> bool:
@@ -20,7 +21,7 @@ def _is_group_size(value: object) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class WeightScheme(Options):
-    bits: int = option(4, lambda v: is_int(v) and v in ALLOWED_BITS, "one of 2, 3, 4, 8", "weight bit width")
+    bits: int = option(4, lambda v: is_int(v) and v in ALLOWED_BITS, "one of 2, 3, 4, 5, 6, 8", "weight bit width")
     group_size: int = option(
         128,
         _is_group_size,

@@ -45,7 +45,7 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "llama3")
 
 
-def _gguf():
+def gguf_module():
     try:
         import gguf
     except ImportError as err:
@@ -94,7 +94,7 @@ def _check_options(gguf_type: str, embeddings: str) -> None:
         )
 
 
-def _check_architecture(cfg: Any) -> tuple[str, bool]:
+def check_architecture(cfg: Any) -> tuple[str, bool]:
     model_type = getattr(cfg, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(
@@ -142,7 +142,7 @@ def _role(gguf_name: str) -> tuple[str, int]:
     return parts[0], -1
 
 
-def _type_of(
+def type_of(
     gguf_name: str,
     shape: tuple[int, ...],
     layer: QuantLinear | None,
@@ -172,10 +172,10 @@ def _type_of(
 
 def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: str = "preset") -> GgufPlan:
     """Check that `model` can be written as GGUF (ValueError naming what is supported otherwise) and list what."""
-    gguf = _gguf()
+    gguf = gguf_module()
     _check_options(gguf_type, embeddings)
     cfg = model.config
-    arch, permute_qk = _check_architecture(cfg)
+    arch, permute_qk = check_architecture(cfg)
     layers = dict(quantized_layers(model, FORMAT))
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     tied = tied_output_embedding(model)
@@ -190,7 +190,7 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: 
                 placed.add(module_name)
                 layer = layers[module_name]
                 name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
-                type_name = _type_of(
+                type_name = type_of(
                     name, (1, layer.in_features), layer, gguf_type, tied, embeddings, cfg.num_hidden_layers
                 )
                 _check_layer(module_name, layer, type_name)
@@ -201,7 +201,7 @@ def plan(model: nn.Module, tokenizer: Any, gguf_type: str = "auto", embeddings: 
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"export(format='gguf'): no GGUF tensor name for {key!r} (architecture {arch}).")
-        type_name = _type_of(name, tuple(value.shape), None, gguf_type, tied, embeddings, cfg.num_hidden_layers)
+        type_name = type_of(name, tuple(value.shape), None, gguf_type, tied, embeddings, cfg.num_hidden_layers)
         tensors.append(Tensor(key, name, type_name))
     rows = vocab_rows(model)
     vocabulary = vocabulary_kind(tokenizer)
@@ -227,7 +227,7 @@ def check(model: nn.Module, tokenizer: Any = None, gguf_type: str = "auto", embe
     needs_tokenizer=True,
 )
 def write(model: nn.Module, folder: Path, tokenizer: Any, gguf_type: str = "auto", embeddings: str = "preset") -> None:
-    gguf = _gguf()
+    gguf = gguf_module()
     p = plan(model, tokenizer, gguf_type, embeddings)
     state = float_state_dict(model)  # quantized embeddings (`embeddings=`) dequantized: encoded from float
     encoded = []  # (tensor, data, how)
@@ -270,7 +270,8 @@ def _encode(model: nn.Module, state: dict, tensor: Tensor) -> tuple[np.ndarray, 
     assert isinstance(layer, QuantLinear)
     qw = layer.quantized_weight()  # unpacked once: integers, grid and dequantized weight all come from it
     if tensor.type_name in gguf_types.K_TYPES:
-        grid = gguf_types.kquant_grid(qw) if qw.bits <= 4 and tensor.type_name != "Q6_K" else None
+        fits = qw.bits <= TYPE_BITS[tensor.type_name] and tensor.type_name != "Q6_K"
+        grid = gguf_types.kquant_grid(qw) if fits else None
         return gguf_kquants.encode(qw.dequantize(torch.float32), tensor.type_name, grid=grid), "refitted"
     data = gguf_types.encode_exact(qw, tensor.type_name)
     if data is not None:
@@ -324,7 +325,7 @@ def _llama3_rope_factors(cfg: Any) -> np.ndarray | None:
 
 
 def _write_metadata(writer: Any, model: nn.Module, p: GgufPlan, ways: Counter) -> None:
-    gguf = _gguf()
+    gguf = gguf_module()
     from ..version import __version__
 
     cfg = model.config

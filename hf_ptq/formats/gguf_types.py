@@ -92,9 +92,25 @@ def more_bits_blocks(gguf_type: str, role: str, count: int) -> list[int]:
 
 def auto_type(bits: int, sym: bool, float_zero_point: bool) -> str:
     """The smallest 32-block type holding a hf_ptq grid's integers exactly."""
-    if bits > 4:
+    if bits > 5:
         return "Q8_0"
-    return "Q4_0" if sym and not float_zero_point else "Q4_1"
+    size = 4 if bits <= 4 else 5
+    return f"Q{size}_0" if sym and not float_zero_point else f"Q{size}_1"
+
+
+# The hf_ptq grid whose integers each type holds as they are (a `layer_schemes` entry): the 32-block types exactly;
+# Q4_K / Q5_K the asymmetric grid of groups of 32 their sub-blocks refit (`kquant_grid`); Q6_K the symmetric 6-bit
+# full-range grid of its sub-blocks of 16 (its levels q - 32 in [-32, 31], the largest |w| on -32).
+TYPE_GRIDS = {
+    "Q8_0": {"bits": 8, "group_size": BLOCK, "sym": True, "full_range": True},
+    "Q6_K": {"bits": 6, "group_size": 16, "sym": True, "full_range": True},
+    "Q5_0": {"bits": 5, "group_size": BLOCK, "sym": True, "full_range": True},
+    "Q5_1": {"bits": 5, "group_size": BLOCK, "sym": False, "full_range": False},
+    "Q5_K": {"bits": 5, "group_size": BLOCK, "sym": False, "full_range": False},
+    "Q4_0": {"bits": 4, "group_size": BLOCK, "sym": True, "full_range": True},
+    "Q4_1": {"bits": 4, "group_size": BLOCK, "sym": False, "full_range": False},
+    "Q4_K": {"bits": 4, "group_size": BLOCK, "sym": False, "full_range": False},
+}
 
 
 # ---- bytes ------------------------------------------------------------------------------------------------------

@@ -120,6 +120,9 @@ def quantization_config(model: nn.Module, checkpoint_format: str = "gptq") -> di
     return config
 
 
+GPTQ_BITS = (2, 3, 4, 8)
+
+
 def check(model: nn.Module, tokenizer: Any = None, checkpoint_format: str = "gptq") -> None:
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(
@@ -136,6 +139,11 @@ def check(model: nn.Module, tokenizer: Any = None, checkpoint_format: str = "gpt
             "with format='compressed-tensors' (one config group per scheme) or format='gguf' (a type per tensor)."
         )
     bits = layers[0][1].bits
+    if bits not in GPTQ_BITS:
+        raise ValueError(
+            f"export(format={FORMAT!r}) writes {', '.join(map(str, GPTQ_BITS))}-bit weights (what GPTQ loaders read); "
+            f"this model's are {bits}-bit. Export it with format='compressed-tensors' or format='gguf'."
+        )
     per_word = 32 if bits == 3 else 32 // bits  # 3-bit values fill whole words only in runs of 32
     for name, layer in layers:
         for dim, size in (("in_features", layer.in_features), ("out_features", layer.out_features)):

@@ -37,6 +37,7 @@ def check_hqq(config: Any) -> None:
     float_zero_point=True,
     forced_fields={"sym": False},
     mixed_precision=True,
+    bit_widths=(2, 3, 4, 8),  # the widths hf_ptq packs HQQ's float zero points with (tested)
 )
 def hqq(weight: torch.Tensor, scheme: WeightScheme, options: None = None) -> QuantizedWeight:
     """Quantize weight [out, in] with HQQ's optimizer (`hqq.core.quantize.Quantizer`, its default settings).

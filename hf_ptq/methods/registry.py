@@ -36,6 +36,7 @@ class MethodSpec:
     backend: str | None = None  # library whose modules hold the weights; None: hf_ptq's QuantLinear
     float_zero_point: bool = False  # zero points are floats (HQQ), stored unpacked in the model's dtype
     mixed_precision: bool = False  # takes per-layer schemes (`target_bits`, `layer_schemes`: core.bit_budget)
+    bit_widths: tuple[int, ...] | None = None  # the bits it quantizes to; None: every `WeightScheme` width
 
     @property
     def needs_calibration(self) -> bool:

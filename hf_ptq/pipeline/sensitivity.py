@@ -266,7 +266,7 @@ def search_layer_schemes(
     """Measure, choose, and record the choice in `config.chosen_schemes` (compact map; reloads read it) and
     `config._mixed_report` (not saved: the table of this run, for the CLI and the model card)."""
     layers = choose_schemes(measure_layers(model, config, targets, batches), config.target_bits)
-    config.chosen_schemes = compact_schemes({layer.name: entry_of(layer.scheme) for layer in layers})
+    config.chosen_schemes = compact_schemes({layer.name: entry_of(layer.scheme, config.scheme) for layer in layers})
     config._mixed_report = report_rows(layers)
     spent = sum(layer.costs[layer.chosen] for layer in layers) / max(sum(layer.weights for layer in layers), 1)
     logger.info(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ...core.scheme import ALLOWED_BITS
 from ...nn import QuantLinear, W8A8Linear
 from ..safetensors_file import TensorEntry
 from .shell import CheckpointLinear
@@ -130,8 +131,9 @@ def group_schemes(config: Any) -> list[GroupScheme]:
         if weights.get("type", "int") != "int":
             raise _field(f"{path}.weights.type", weights.get("type"), "integer weights ('int')")
         bits = weights.get("num_bits")
-        if bits not in (2, 3, 4, 8) or (fmt != PACKED and bits != 8 and fmt != NAIVE):
-            raise _field(f"{path}.weights.num_bits", bits, "2, 3, 4 or 8 bits (8 for int-quantized)")
+        if bits not in ALLOWED_BITS or (fmt != PACKED and bits != 8 and fmt != NAIVE):
+            allowed = ", ".join(map(str, ALLOWED_BITS))
+            raise _field(f"{path}.weights.num_bits", bits, f"{allowed} bits (8 for int-quantized)")
         strategy = weights.get("strategy")
         if strategy == "group":
             group_size = weights.get("group_size")
