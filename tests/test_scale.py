@@ -27,6 +27,7 @@ from hf_ptq.evaluation.synthetic import (
     write_synthetic_checkpoint,
 )
 from hf_ptq.nn import QuantLinear
+from hf_ptq.pipeline import sequential
 
 # ~280M parameters (untied 32k vocabulary), bf16: 0.56 GB, big enough that the interpreter's own RSS is not most of it.
 MID_CONFIG = {
@@ -135,7 +136,10 @@ def _quantized_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def test_gptq_with_half_the_blocks_on_disk_gives_the_same_weights(tmp_path: Path) -> None:
+def test_gptq_with_half_the_blocks_on_disk_gives_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    # Offloaded blocks calibrate in the model's dtype; in-memory bf16 blocks calibrate in fp32 on CPUs without native
+    # bf16 (`calibration_dtype`): pin the CPU class so that both walks run bf16 and must agree bit for bit everywhere.
+    monkeypatch.setattr(sequential, "cpu_has_fast_bf16", lambda: True)
     config = real_config(
         "llama-3.2-1b",
         hidden_size=512,
