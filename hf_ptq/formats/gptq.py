@@ -39,6 +39,7 @@ from ..nn import QuantLinear
 from .checkpoint import write_checkpoint
 from .export_formats import export_format
 from .layers import float_linears, float_state_dict, quantized_layers, refuse_float_zero_points
+from .third_party.gptq import BITS as GPTQ_BITS  # the bit widths GPTQ checkpoints hold, read and written
 
 logger = logging.get_logger(__name__)
 
@@ -118,9 +119,6 @@ def quantization_config(model: nn.Module, checkpoint_format: str = "gptq") -> di
     if skipped:  # gptqmodel / vLLM: "-:" rules name modules left in full precision
         config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
     return config
-
-
-GPTQ_BITS = (2, 3, 4, 8)
 
 
 def check(model: nn.Module, tokenizer: Any = None, checkpoint_format: str = "gptq") -> None:
