@@ -98,7 +98,7 @@ def test_fold_into_quantized_producer_scales_its_rows() -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)
     qw = quantize(linear.weight.data, 4, 32, False, torch.float32)
-    layer = filled_quant_linear(linear, qw, sym=False, dtype=torch.float32, compute_dtype="float32")
+    layer = filled_quant_linear(linear, qw, dtype=torch.float32, compute_dtype="float32")
     block = torch.nn.Module()
     block.v = layer
     x = torch.randn(5, 64)

@@ -295,3 +295,20 @@ def test_layer_entries_set_symmetry_and_range_per_layer_within_what_the_method_t
         PtqConfig(method="hqq", layer_schemes={"q_proj": {"sym": True, "full_range": True}})
     with pytest.raises(ValueError, match=r"PtqConfig\.bits: bits=6 is invalid for method='hqq'"):
         PtqConfig(method="hqq", bits=6)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_walks_install_each_layer_with_its_own_symmetry(method, tiny_llama_dir, tmp_path) -> None:
+    """Per-layer `sym` / `full_range` entries through the block-by-block walk: each layer holds its own grid
+    (zero points only where asymmetric, the full range's -2^(b-1) level used), and the model reloads bit for bit."""
+    pins = {"self_attn.q_proj": {"bits": 5, "sym": True, "full_range": True}, "mlp.down_proj": {"bits": 6}}
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=_mixed(method, layer_schemes=pins))
+    for name, layer in _layers(model).items():
+        bits, sym = (5, True) if name.endswith("q_proj") else (6, False) if name.endswith("down_proj") else (4, False)
+        assert (layer.bits, layer.sym, layer.weight_zero_point is None) == (bits, sym, sym), name
+        if name.endswith("q_proj"):
+            assert int(layer.quantized_weight().q.min()) == -16, name
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = input_ids()
+    assert torch.equal(model_output(reloaded, ids), model_output(model, ids))

@@ -74,12 +74,12 @@ def entry_for(schemes: dict[str, dict] | None, name: str) -> tuple[str, dict] | 
     return None
 
 
-def entry_of(scheme: WeightScheme, base: WeightScheme | None = None) -> dict[str, Any]:
+def entry_of(scheme: WeightScheme, base: WeightScheme) -> dict[str, Any]:
     """The map entry of a chosen scheme: its bits and group size, and its symmetry and range where they differ from
     `base` (the config's)."""
     entry: dict[str, Any] = {"bits": scheme.bits, "group_size": scheme.group_size}
     for field in ("sym", "full_range"):
-        if base is not None and getattr(scheme, field) != getattr(base, field):
+        if getattr(scheme, field) != getattr(base, field):
             entry[field] = getattr(scheme, field)
     return entry
 

@@ -33,12 +33,12 @@ def filled_quant_linear(
     module: nn.Module,
     qw: QuantizedWeight,
     *,
-    sym: bool,
     dtype: torch.dtype,
     compute_dtype: str = "auto",
     device: torch.device | str | None = None,
 ) -> QuantLinear:
-    """A `QuantLinear` holding `qw` (and `module`'s bias) in place of the Linear / Conv1D `module`."""
+    """A `QuantLinear` holding `qw` (and `module`'s bias) in place of the Linear / Conv1D `module`; its symmetry and
+    zero-point kind are `qw`'s own (per-layer schemes may differ from the config's)."""
     in_f, out_f = linear_shape(module)
     new = QuantLinear(
         in_f,
@@ -46,7 +46,7 @@ def filled_quant_linear(
         module.bias is not None,
         qw.bits,
         qw.group_size,
-        sym,
+        qw.zero_point is None,
         dtype=dtype,
         act_order=qw.g_idx is not None,
         compute_dtype=compute_dtype,

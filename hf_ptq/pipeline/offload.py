@@ -20,7 +20,7 @@ from ..nn.replace import filled_quant_linear, filled_w8a8_linear, float_weight
 # The module that holds each kind of method result: (float module, result, config, dtype, device) -> module.
 QUANTIZED_MODULE_FOR: dict[type, Callable[..., nn.Module]] = {
     QuantizedWeight: lambda module, qw, config, dtype, device: filled_quant_linear(
-        module, qw, sym=qw.zero_point is None, dtype=dtype, compute_dtype=config.compute_dtype, device=device
+        module, qw, dtype=dtype, compute_dtype=config.compute_dtype, device=device
     ),
     W8A8Weight: lambda module, w, config, dtype, device: filled_w8a8_linear(module, w, dtype=dtype, device=device),
 }
