@@ -14,6 +14,7 @@ answer_early()  # in an `hf-ptq` process only: help and usage errors answered be
 from .api import quantize
 from .config import QUANT_METHOD, PtqConfig
 from .evaluation import Comparison, EvalResult, Thresholds, compare, evaluate
+from .finetune import install_peft_dispatch, prepare_for_training
 from .formats.export import export, format_names
 from .formats.gguf_schemes import gguf_layer_schemes
 from .formats.hub import push_to_hub
@@ -31,6 +32,7 @@ from .version import __version__
 register(QUANT_METHOD, PtqConfig, PtqHfQuantizer)
 register(SMOOTHQUANT_METHOD, SmoothQuantConfig, SmoothQuantHfQuantizer)
 take_over()  # GPTQ, AWQ and compressed-tensors checkpoints load on hf_ptq's kernels (docs/loading.md)
+install_peft_dispatch()  # peft LoRA wraps hf_ptq's layers (docs/finetuning.md); peft is not imported here
 
 __all__ = [
     "CheckpointError",
@@ -50,6 +52,7 @@ __all__ = [
     "format_names",
     "gguf_layer_schemes",
     "method_names",
+    "prepare_for_training",
     "push_to_hub",
     "quantize",
     "use_backend",

@@ -43,3 +43,16 @@ def test_compare_methods_example(tiny_llama_with_tokenizer_dir, tmp_path):
     )
     assert list(comparison.results) == ["rtn w4 g32 asym", "int8 w8 per-channel sym"]
     assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "comparison.png").exists()
+
+
+@pytest.mark.extra("finetune")  # peft
+def test_finetune_quantized_example(tiny_llama_with_tokenizer_dir, tmp_path):
+    args = [str(tiny_llama_with_tokenizer_dir), "--group-size", "32", "--seq-len", "32", "--steps", "4", "--lr", "1e-2"]
+    result = load_example("finetune_quantized").main(args + ["--out", str(tmp_path / "out")])
+    assert result["after"] < result["before"]  # the adapter learned from the training text
+    assert result["reloaded"] == pytest.approx(result["after"], rel=1e-4)
+    assert result["exact_merged"] == pytest.approx(result["after"], rel=1e-3)
+    assert result["merged"] == pytest.approx(result["after"], rel=0.05)  # rounded onto the grid: close, not exact
+    for folder in ("base", "adapter", "merged"):
+        assert (tmp_path / "out" / folder).is_dir()
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()

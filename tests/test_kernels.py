@@ -343,9 +343,9 @@ def test_keep_dense_weights_builds_each_dense_weight_once(monkeypatch: pytest.Mo
     builds = Counter()
     original = QuantLinear._build_dense_weight
 
-    def counting(self, dtype):
+    def counting(self, dtype, reuse=False):
         builds[dtype] += 1
-        return original(self, dtype)
+        return original(self, dtype, reuse)
 
     monkeypatch.setattr(QuantLinear, "_build_dense_weight", counting)
     x = activations(64, dtype=torch.float32)
@@ -528,3 +528,31 @@ def test_packed_kernel_can_be_switched_off(packed_calls: Counter, monkeypatch: p
     check_close(layer4, activations(1, in_f=256))
     check_close(layer8, activations(1, in_f=256))
     assert packed_calls == Counter(int4_cpu_matmul=1, int8_matmul=1, dense_matmul=2)
+
+
+def test_dense_path_workspace_is_shared_but_never_corrupts_a_result() -> None:
+    """Layers of one thread write their dense weights into one reused workspace: results stay each layer's own, and
+    weights kept by `keep_dense_weights` are their own tensors."""
+    from hf_ptq.nn.quant_linear import keep_dense_weights
+
+    torch.manual_seed(0)
+    layers = []
+    for out_f, in_f in ((96, 128), (64, 256)):
+        qw = quantize(torch.randn(out_f, in_f), 4, 32, False, torch.bfloat16)
+        layer = QuantLinear(in_f, out_f, False, 4, 32, False, dtype=torch.bfloat16)
+        layer.set_quantized(qw)
+        layers.append(layer)
+    a, b = layers
+    xa, xb = torch.randn(200, 128, dtype=torch.bfloat16), torch.randn(200, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = a(xa)
+        b(xb)  # overwrites the workspace with b's weight
+        assert torch.equal(a(xa), first)
+        dtype = kernels.compute_dtypes(a.compute_dtype, xa)[1]
+        reference = a.forward_reference(xa.float())
+        assert (first.float() - reference).norm() / reference.norm() < 1e-2
+        with keep_dense_weights(a):
+            a(xa)
+            kept = a._dense_cache[dtype]
+            b(xb)
+            assert torch.equal(kept, a.dequantized_weight(dtype))

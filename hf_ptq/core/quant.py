@@ -158,6 +158,24 @@ def quantize_with(
     return torch.clamp(q, qmin, qmax).to(torch.int8).reshape(w.shape)
 
 
+def round_onto(w: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """w [out, in] rounded onto the grid of `qw` (its scales, zero points, groups and act-order `g_idx`, integer or
+    float zero points), as int8 [out, in]: how a changed weight (a merged LoRA delta) is stored in a layer that keeps
+    its quantization parameters."""
+    qmin, qmax = qrange(qw.bits)
+    out_f, in_f = w.shape
+    scale = qw.scale.float().reshape(1 if qw.group_size == 0 else out_f, -1)
+    zero = None if qw.zero_point is None else qw.zero_point.float().reshape(scale.shape)
+    if qw.g_idx is not None:
+        columns = qw.g_idx.long()
+    else:
+        members = in_f if qw.group_size in (0, -1) else qw.group_size
+        columns = torch.arange(in_f, device=w.device) // members
+    q = w.float() / scale[:, columns]
+    q = q.round_() if zero is None else q.add_(zero[:, columns]).round_()
+    return q.clamp_(qmin, qmax).to(torch.int8)
+
+
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int) -> torch.Tensor:
     """The values `quantize_with` + `dequantize` give, in fp32, without the integer tensors: w (fp32) rounded onto
     the grid of `scale` / `zero_point` (each broadcastable to w). For range and scale searches over candidates."""

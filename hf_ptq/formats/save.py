@@ -100,9 +100,12 @@ def saved_hf_ptq_config(quantization_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def attach_model_methods(model) -> None:
-    """Give a model quantized by hf_ptq its `save_pretrained` (staged, see the module docstring) and its
-    `push_to_hub` (with hf_ptq's model card)."""
+    """Give a model quantized by hf_ptq its `save_pretrained` (staged, see the module docstring), its `push_to_hub`
+    (with hf_ptq's model card), and the `num_parameters` / `get_memory_footprint` that count its quantized weights
+    (`hf_ptq.nn.counts`)."""
+    from ..nn.counts import attach_counts
     from .hub import attach_push_to_hub
 
     model.save_pretrained = types.MethodType(staged_save_pretrained, model)
     attach_push_to_hub(model)
+    attach_counts(model)

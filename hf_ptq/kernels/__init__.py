@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,20 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 # --- dense weights on CPU, in one C pass --------------------------------------------------------------------------
 _DENSE_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_workspaces = threading.local()  # per thread: dtype -> flat buffer of the largest dense weight asked for
+
+
+def dense_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] CPU tensor of `dtype` that every call from this thread reuses (one buffer per dtype, grown to
+    the largest request and kept), for a dense weight that lives for one matmul: memory already mapped is written
+    without the page faults (and zeroing) that a new allocation of that size costs (docs/kernels.md). The caller must
+    be done with it before the thread's next call."""
+    spaces = _workspaces.__dict__.setdefault("by_dtype", {})
+    numel = rows * cols
+    if spaces.get(dtype) is None or spaces[dtype].numel() < numel:
+        spaces.pop(dtype, None)  # the smaller buffer goes before the larger one is allocated
+        spaces[dtype] = torch.empty(numel, dtype=dtype)
+    return spaces[dtype][:numel].view(rows, cols)
 
 
 def dense_weight_cpu(
@@ -130,9 +145,11 @@ def dense_weight_cpu(
     group_members: int,
     g_idx: torch.Tensor | None,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """w [out, in] in `dtype` = (u - center) * scale, from `packed` int32 [out, words] holding the stored unsigned
-    4- or 8-bit codes u, in one C pass (`dense_weight_cpu.c`); the same bits as those fp32 ops in torch.
+    4- or 8-bit codes u, in one C pass (`dense_weight_cpu.c`); the same bits as those fp32 ops in torch. Written into
+    `out` (contiguous [out, in] of `dtype`, e.g. `dense_workspace`) when given, else into a new tensor.
 
     scale, center: fp32 [out or 1, groups] (one row: the same for every output channel). Input channel j belongs to
     group `j // group_members` (groups * group_members == in), or `g_idx[j]` (int32 [in], act-order) when given,
@@ -154,7 +171,10 @@ def dense_weight_cpu(
     packed, scale, center = packed.contiguous(), scale.contiguous(), center.contiguous()
     if g_idx is not None:
         g_idx = g_idx.to(torch.int32).contiguous()
-    out = torch.empty(rows, in_features, dtype=dtype)
+    if out is None:
+        out = torch.empty(rows, in_features, dtype=dtype)
+    elif out.shape != (rows, in_features) or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"dense_weight_cpu: out {tuple(out.shape)} {out.dtype} for [{rows}, {in_features}] {dtype}")
     fn(
         packed.data_ptr(),
         packed.shape[1] * 4,

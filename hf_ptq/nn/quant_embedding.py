@@ -30,6 +30,7 @@ from .. import kernels
 from ..core.packing import packed_width, unpack_int32, unpack_unsigned_bytes
 from ..core.quant import QuantizedWeight, dequantize
 from ..core.scheme import WeightScheme
+from .frozen_grad import frozen_matmul, needs_input_grad
 from .quant_linear import DequantizedWeightAttribute
 
 DENSE_CHUNK_ELEMENTS = 1 << 22  # values of the matrix the dense path dequantizes at a time (16 MB in fp32)
@@ -141,7 +142,15 @@ class PackedRows(DequantizedWeightAttribute):
 
     # --- products with the matrix (the output head) ----------------------------------------------------------
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., cols] @ matrix^T (+ bias) -> [..., rows] in x's dtype."""
+        """x [..., cols] @ matrix^T (+ bias) -> [..., rows] in x's dtype (with gradients for x and the bias where
+        autograd needs them: `hf_ptq.nn.frozen_grad`)."""
+        if needs_input_grad(x, bias):
+            dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)[1]
+            forward = lambda x: self._matmul_frozen(x, bias)  # noqa: E731
+            return frozen_matmul(x, bias, forward, self.dequantized_weight, dense_dtype)
+        return self._matmul_frozen(x, bias)
+
+    def _matmul_frozen(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         plan = self._plans.get((x.device, x.dtype))
         if plan is None:
             plan = self._plans[(x.device, x.dtype)] = self._plan(x)

@@ -10,6 +10,8 @@ on-disk layout and safetensors round-trips with no converter:
     weight_g_idx       int32 [in], only with act-order
 Forward picks a kernel per call (see `hf_ptq.kernels`); the layout a kernel needs is built on first use and
 cached outside the state dict.
+Where autograd needs it (an adapter trained around the frozen layer), forward runs the same kernels and backward
+multiplies by the weight dequantized for that call only (`hf_ptq.nn.frozen_grad`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from torch import nn
 
 from .. import kernels
 from ..core.packing import pack_int32, packed_width, unpack_int32, unpack_unsigned_bytes
-from ..core.quant import QuantizedWeight, dequantize
+from ..core.quant import QuantizedWeight, dequantize, round_onto
+from .frozen_grad import frozen_matmul, needs_input_grad
 
 
 class KernelPlan(NamedTuple):
@@ -118,6 +121,13 @@ class QuantLinear(DequantizedWeightAttribute):
             self.weight_g_idx = qw.g_idx.to(torch.int32)
         self.invalidate_caches()
 
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store `weight` [out, in] rounded onto this layer's own grid: its scales, zero points and groups (act-order
+        included) stay, only the integers change (a merged LoRA delta; `hf_ptq.finetune`)."""
+        qw = self.quantized_weight()
+        qw.q = round_onto(weight, qw)
+        self.set_quantized(qw)
+
     def stored_bits(self) -> int:
         """Bits of the quantized weight's saved tensors (packed integers, scales, zero points, shape, g_idx), the
         bias excluded: what `hf_ptq.core.bit_budget.stored_bits` predicts for a scheme."""
@@ -187,6 +197,12 @@ class QuantLinear(DequantizedWeightAttribute):
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_input_grad(x, self.bias):  # training an adapter above or below this frozen layer
+            dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)[1]
+            return frozen_matmul(x, self.bias, self._forward_frozen, self._dense_weight, dense_dtype)
+        return self._forward_frozen(x)
+
+    def _forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plans.get((x.device, x.dtype))
         if plan is None:
             plan = self._plans[(x.device, x.dtype)] = self._plan(x)
@@ -263,12 +279,14 @@ class QuantLinear(DequantizedWeightAttribute):
         cache = self._dense_cache
         if cache is not None and dtype in cache:
             return cache[dtype]
-        weight = self._build_dense_weight(dtype)
+        weight = self._build_dense_weight(dtype, reuse=cache is None)
         if cache is not None:
             cache[dtype] = weight
         return weight
 
-    def _build_dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def _build_dense_weight(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """The dense weight; with `reuse`, the C pass writes it into this thread's `kernels.dense_workspace` (valid
+        until the thread's next dense weight: for one matmul)."""
         if self.bits not in (4, 8) or (self.weight_g_idx is not None and self.float_zero_point):
             return self.dequantized_weight(dtype)
         scale, center, g_idx = self._cached("dense", self.weight_packed.device, QuantLinear._dense_qparams)
@@ -276,8 +294,11 @@ class QuantLinear(DequantizedWeightAttribute):
             return self.dequantized_weight(dtype)
         members = self.in_features if self.group_size <= 0 else self.group_size
         flat_scale, flat_center = scale.reshape(scale.shape[0], -1), center.reshape(scale.shape[0], -1)
+        out = None
+        if reuse and self.weight_packed.device.type == "cpu":
+            out = kernels.dense_workspace(self.out_features, self.in_features, dtype)
         weight = kernels.dense_weight_cpu(
-            self.weight_packed, self.bits, self.in_features, flat_scale, flat_center, members, g_idx, dtype
+            self.weight_packed, self.bits, self.in_features, flat_scale, flat_center, members, g_idx, dtype, out
         )
         if weight is not None:
             return weight

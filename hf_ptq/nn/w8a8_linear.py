@@ -14,6 +14,8 @@ Forward, by the number of rows (tokens x batch) of the call, on CPU and CUDA:
 - up to that many rows (decoding): the int8 weight-only kernel runs with bf16 activations, which are *not*
   quantized: int8 weights, bf16 activations (W8A16), faster for one row and at least as accurate.
 On other devices the W8A8 computation runs with fp32 matmuls of the same integers.
+With autograd on (an adapter trained around the layer), the input gradient is the straight-through one, from the
+dequantized weight (`hf_ptq.nn.frozen_grad`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..core.quant import QuantizedWeight, W8A8Weight, dequantize
+from ..core.quant import QuantizedWeight, W8A8Weight, dequantize, round_onto
 from ..kernels import w8a8
+from .frozen_grad import frozen_matmul, needs_input_grad
 from .quant_linear import QuantLinear, _bf16_rows
 
 
@@ -91,8 +94,20 @@ class W8A8Linear(nn.Module):
         """The weight [out, in] the int8 values stand for, in `dtype` (default: the scale's dtype)."""
         return dequantize(self.weight, self.weight_scale, None, -1, None, dtype or self.weight_scale.dtype)
 
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store `weight` [out, in] rounded onto this layer's own per-channel scales (a merged LoRA delta)."""
+        qw = self.quantized_weight()
+        qw.weight.q = round_onto(weight, qw.weight)
+        self.set_quantized(qw)
+
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_input_grad(x, self.bias):  # training an adapter: straight-through input gradient
+            dense_dtype = kernels.compute_dtypes("auto", x)[1]
+            return frozen_matmul(x, self.bias, self._forward_frozen, self.dequantized_weight, dense_dtype)
+        return self._forward_frozen(x)
+
+    def _forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= w8a8.weight_only_max_rows(x2) and w8a8.int_mm_supported(x2.device):
             y = kernels.int8_matmul(_bf16_rows(x2), self.weight, self._scale("weight", torch.bfloat16))

@@ -4,6 +4,9 @@ One forward of the model per calibration batch, with every block's `forward` tem
 records its arguments and hands the hidden states on unchanged; the last block's stub stops the forward with a
 sentinel exception, so nothing after the blocks (final norm, LM head) runs. Masks, rotary embeddings, cache
 positions, per-layer masks (sliding-window layers) are recorded exactly as the model passes them: no tracing.
+Blocks that hand each other more than hidden states (T5's position bias, computed by block 0 and passed on) are
+captured with `run_blocks=True`: each stub records its arguments and then runs the float block, so every block
+receives what the model really passes it.
 """
 
 from __future__ import annotations
@@ -97,11 +100,22 @@ def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> CapturedInputs:
-    """Run each batch of input ids [b, seq] up to the blocks and record their inputs (KV cache disabled)."""
+def capture_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: list[torch.Tensor],
+    forward: Callable[[torch.Tensor], Any] | None = None,
+    run_blocks: bool = False,
+) -> CapturedInputs:
+    """Run each batch of input ids [b, seq] up to the blocks and record their inputs.
+
+    `forward(ids)` runs the model (or the part holding `blocks`) on one batch; default: `model(input_ids=ids)` with
+    the KV cache disabled. `run_blocks`: every block but the last runs for real after its arguments are recorded
+    (for blocks that pass each other more than hidden states), instead of handing its input on unchanged."""
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = [[] for _ in blocks]
     last = len(blocks) - 1
+    originals = [block.forward for block in blocks]  # bound methods, or accelerate's wrapped forwards
 
     def record(i: int, args: tuple, kwargs: dict):
         h, call = _split_hidden(args, kwargs)
@@ -110,15 +124,19 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.
         calls[i].append(call)
         if i == last:
             raise StopForward
-        return h
+        return originals[i](*args, **kwargs) if run_blocks else h
 
-    extra = no_cache_kwargs(model)
-    device = input_device(model)
+    if forward is None:
+        extra, device = no_cache_kwargs(model), input_device(model)
+
+        def forward(ids: torch.Tensor) -> Any:
+            return model(input_ids=ids.to(device), **extra)
+
     stubs = {block: (lambda *a, _i=i, **k: record(_i, a, k)) for i, block in enumerate(blocks)}
     with patched_forwards(stubs):
         for ids in batches:
             try:
-                model(input_ids=ids.to(device), **extra)
+                forward(ids)
             except StopForward:
                 pass
             else:

@@ -60,6 +60,34 @@ _GEMMA = FamilyLayout(
     norm_offset=1.0,
 )
 
+
+def _t5_feed_forward(layer: int) -> tuple[ScaleGroup, ...]:
+    """T5's feed-forward sub-layer `layer.<layer>`: its norm feeds wi (ReLU, T5 v1.0) or wi_0 / wi_1 (gated GELU,
+    v1.1 / Flan-T5); wi or wi_1 (the linear half of the gate) feeds wo, which `_keep_in_fp32_modules` keeps float."""
+    ff = f"layer.{layer}.DenseReluDense"
+    return (
+        ScaleGroup(f"layer.{layer}.layer_norm", (f"{ff}.wi",)),
+        ScaleGroup(f"layer.{layer}.layer_norm", (f"{ff}.wi_0", f"{ff}.wi_1")),
+        ScaleGroup(f"{ff}.wi", (f"{ff}.wo",)),  # through ReLU
+        ScaleGroup(f"{ff}.wi_1", (f"{ff}.wo",)),
+    )
+
+
+# Pre-norm T5 blocks (RMS norms without bias): encoder blocks are self-attention (layer.0) and feed-forward (layer.1);
+# decoder blocks put cross-attention at layer.1 (its norm feeds q only: k and v read the encoder's output, produced
+# outside the block) and the feed-forward at layer.2.
+_T5 = FamilyLayout(
+    (
+        ScaleGroup("layer.0.layer_norm", tuple(f"layer.0.SelfAttention.{p}" for p in "qkv")),
+        ScaleGroup("layer.0.SelfAttention.v", ("layer.0.SelfAttention.o",)),
+        *_t5_feed_forward(1),
+        ScaleGroup("layer.1.layer_norm", ("layer.1.EncDecAttention.q",)),
+        ScaleGroup("layer.1.EncDecAttention.v", ("layer.1.EncDecAttention.o",)),
+        *_t5_feed_forward(2),
+    ),
+    unscaled=("layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"),
+)
+
 FAMILY_TABLE: dict[str, FamilyLayout] = {
     "llama": GENERIC,
     "mistral": GENERIC,
@@ -92,6 +120,8 @@ FAMILY_TABLE: dict[str, FamilyLayout] = {
         ),
         unscaled=("mlp.c_proj",),  # reads GELU(c_fc(x))
     ),
+    "t5": _T5,
+    "mt5": _T5,
     # Post-norm encoders: a norm's output is also the residual stream, so only value -> output projection folds.
     "bert": FamilyLayout(
         (ScaleGroup("attention.self.value", ("attention.output.dense",)),),

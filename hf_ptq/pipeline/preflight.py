@@ -3,8 +3,9 @@ is read (`from_pretrained` calls them from the quantizer's `_process_model_befor
 whose parameters are still on the meta device; `hf_ptq.quantize` at its start).
 
 What the config alone cannot tell: whether `seq_len` fits the model's positions, whether the calibration token ids
-fit its vocabulary (a bad id otherwise ends a long load with a bare `IndexError` from the embedding), and whether
-the names in `modules_to_not_convert` name anything in this model.
+fit its vocabulary (a bad id otherwise ends a long load with a bare `IndexError` from the embedding), whether
+the names in `modules_to_not_convert` name anything in this model, and whether an encoder-decoder model has the two
+stacks of blocks and the decoder start token its calibration needs (`stacks.check_stacks`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..calibration.data import calibration_batches, is_pretokenized, resolve_tokenizer
 from ..calibration.limits import check_batches, check_positions, check_tokenizer_vocabulary
+from .stacks import check_stacks
 
 logger = logging.getLogger("hf_ptq")
 
@@ -74,12 +76,14 @@ def warn_unmatched_modules(model: nn.Module, patterns: list[str] | None) -> None
 def prepare_calibration(model: nn.Module, config: Any, tokenizer: Any = None) -> list[torch.Tensor] | None:
     """Check `config` against `model` and build its calibration batches, before any weight is read.
 
-    Warns about unmatched `modules_to_not_convert`; refuses a `seq_len` beyond the model's positions (text and
-    data-free calibration), a tokenizer larger than the model's vocabulary, and token ids or sample lengths the model
-    cannot take. Returns the token batches, or None for data-free calibration (`dataset=None`, sampled later from
-    the loaded model). `tokenizer` overrides `config.tokenizer`; the default is the model's own.
+    Warns about unmatched `modules_to_not_convert`; refuses an encoder-decoder model whose stacks cannot be walked, a
+    `seq_len` beyond the model's positions (text and data-free calibration), a tokenizer larger than the model's
+    vocabulary, and token ids or sample lengths the model cannot take. Returns the token batches, or None for
+    data-free calibration (`dataset=None`, sampled later from the loaded model). `tokenizer` overrides
+    `config.tokenizer`; the default is the model's own.
     """
     cls = type(config).__name__
+    check_stacks(model)
     warn_unmatched_modules(model, config.modules_to_not_convert)
     positions = position_limit(model)
     vocab = vocabulary_size(model)

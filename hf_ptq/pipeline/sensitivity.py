@@ -25,15 +25,14 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..core.bit_budget import assign, candidate_schemes, check_budget, format_report, stored_bits
-from ..core.devices import input_device
 from ..core.layer_schemes import compact_schemes, entry_for, entry_of, scheme_over
 from ..core.page_release import trim_heap
 from ..core.scheme import WeightScheme
 from ..methods import method_spec
 from ..nn.replace import check_group_size, float_weight, linear_shape
-from .blocks import find_blocks
 from .capture import no_cache_kwargs
 from .offload import read_float_weight
+from .stacks import input_embeddings, model_inputs, model_stacks
 
 logger = logging.getLogger("hf_ptq")
 
@@ -145,9 +144,10 @@ def sequences(batches: list[torch.Tensor], length: int) -> list[torch.Tensor]:
 def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
     """Make each decoder block recompute its activations in the backward pass instead of keeping them (torch's
     non-reentrant checkpointing, eval mode: no dropout), so that the pass holds one block's activations, not all of
-    them; returns the blocks (`del block.forward` undoes it). None for a model without a block list."""
+    them; returns the blocks (`del block.forward` undoes it; both stacks of encoder-decoder models). None for a
+    model without a block list."""
     try:
-        _, blocks = find_blocks(model)
+        blocks = [block for stack in model_stacks(model) for block in stack.blocks]
     except ValueError:
         return []
     for block in blocks:
@@ -187,7 +187,7 @@ def output_gradients(
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     checkpointed = checkpoint_blocks(model)
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in targets]
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    handles += [e.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) for e in input_embeddings(model)]
     extra = no_cache_kwargs(model)
     seen = 0
     try:
@@ -198,7 +198,7 @@ def output_gradients(
                 start = (-seen) % stride
                 picked[:] = [torch.arange(start, ids.numel(), stride)]
                 seen += ids.numel()
-                logits = model(input_ids=ids.to(input_device(model)), **extra).logits
+                logits = model(**model_inputs(model, ids), **extra).logits  # [b, seq, vocab]
                 flat = logits.reshape(-1, logits.shape[-1]).float()
                 labels = torch.multinomial(
                     flat.detach().softmax(-1), 1, generator=torch.Generator(flat.device).manual_seed(b)

@@ -14,7 +14,10 @@ Memory beyond the model: the hidden states of the calibration set in the model's
 block runs in fp32 on CPUs without native bf16, one batch at a time) and one batch's activations. The float
 weights a block no longer needs give their memory-mapped checkpoint pages back, and freed heap goes back to the
 OS after every block, so the peak stays near one block's working set above the quantized model. Linears outside
-the blocks (e.g. BERT's pooler) get statistics from whole-model passes at the end.
+the blocks (e.g. BERT's pooler) get statistics from whole-model passes at the end. Encoder-decoder models are walked
+stack by stack (`stacks.py`): the encoder's blocks, then the decoder's on the quantized encoder's output. Modules a
+block keeps in another dtype than the model's (`_keep_in_fp32_modules`, e.g. T5's `wo` in fp16 models) get that dtype
+back after the block.
 
 Non-finite values stop the walk with an error naming where they are (`hf_ptq.core.finite`): a weight with NaN / inf
 before its method runs, and hidden states with NaN / inf after the embeddings or after a block (naming that part's
@@ -35,19 +38,19 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..core.cpu import cpu_has_fast_bf16, cpu_threads
-from ..core.devices import input_device
 from ..core.finite import require_finite_activations, require_finite_weight
 from ..core.page_release import checkpoint_files_mapped, release_file_pages, trim_heap
 from ..core.warn_once import repeated_warnings_reported
 from ..methods import MethodSpec, method_spec
+from ..nn import QUANTIZED_MODULES
 from ..nn.quant_linear import keep_dense_weights
 from ..nn.replace import float_weight, linear_shape
-from .blocks import find_blocks
-from .capture import BlockCall, StopForward, capture_inputs, no_cache_kwargs
+from .capture import BlockCall, StopForward, no_cache_kwargs
 from .families import family_layout
 from .offload import install_quantized, read_float_weight
 from .reuse import OutputStore, ReusableChild, is_reusable_output
 from .smoothing import BlockSmoother
+from .stacks import Stack, model_inputs, model_stacks
 
 logger = logging.getLogger("hf_ptq")
 
@@ -158,13 +161,35 @@ def calibration_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def to_work_dtype(block: nn.Module, work_dtype: torch.dtype, release_pages: bool = True) -> None:
-    """Cast `block` to `work_dtype`; the float tensors it held before give back their checkpoint pages (the block
-    now holds copies) unless `release_pages` is False (`checkpoint_files_mapped`)."""
+def to_work_dtype(
+    block: nn.Module, work_dtype: torch.dtype, release_pages: bool = True, kept: dict[str, torch.dtype] | None = None
+) -> None:
+    """Cast `block` to `work_dtype` but for the tensors of `kept` (`kept_dtypes`: they stay in their own dtype); the
+    float tensors it held before give back their checkpoint pages (the block now holds copies) unless
+    `release_pages` is False (`checkpoint_files_mapped`)."""
     before = [t for t in block.state_dict().values() if t.is_floating_point() and t.dtype != work_dtype]
-    block.to(work_dtype)
+    cast_block(block, work_dtype, kept or {})
     if release_pages:
         release_file_pages(*before)
+
+
+def kept_dtypes(block: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The float tensors (names relative to `block`) in another dtype than `dtype` (the model's), with theirs: what
+    `_keep_in_fp32_modules` kept in fp32, e.g. T5's `wo` in a float16 model (it overflows in float16)."""
+    tensors = [*block.named_parameters(), *block.named_buffers()]
+    return {n: t.dtype for n, t in tensors if t.is_floating_point() and t.dtype != dtype}
+
+
+def cast_block(block: nn.Module, dtype: torch.dtype, kept: dict[str, torch.dtype]) -> None:
+    """Cast `block` to `dtype`, the tensors of `kept` to their own dtype (those of Linears quantized meanwhile are
+    gone: their quantized modules keep the model's dtype)."""
+    block.to(dtype)
+    for name, own in kept.items():
+        module_name, _, attr = name.rpartition(".")
+        module = block.get_submodule(module_name) if module_name else block
+        tensor = getattr(module, attr, None)
+        if isinstance(tensor, torch.Tensor) and not isinstance(module, QUANTIZED_MODULES):
+            tensor.data = tensor.data.to(own)
 
 
 def quantize_group(
@@ -306,13 +331,13 @@ class Walk:
         return getattr(getattr(self.model, "config", None), "model_type", None)
 
 
-def start_walk(model: nn.Module, spec: MethodSpec, config, batches: list[torch.Tensor]) -> Walk:
-    """Capture block 0's inputs for every batch (checked finite) and fix the dtypes of the walk."""
-    prefix, blocks = find_blocks(model)
+def start_walk(model: nn.Module, spec: MethodSpec, config, batches: list[torch.Tensor], stack: Stack) -> Walk:
+    """Capture block 0's inputs of `stack` for every batch (checked finite) and fix the dtypes of the walk."""
+    prefix, blocks = stack.prefix, stack.blocks
     dtype = _float_dtype(blocks)
     work_dtype = calibration_dtype(model, dtype)
     release = checkpoint_files_mapped()
-    captured = capture_inputs(model, blocks, batches)
+    captured = stack.capture(batches)
     check_captured(captured.hidden, model, prefix)
     captured.calls_to_dtype(work_dtype)  # masks, rotary tables: small, cast once
     hidden = [h.to(dtype) for h in captured.hidden]
@@ -324,28 +349,39 @@ def start_walk(model: nn.Module, spec: MethodSpec, config, batches: list[torch.T
 def _quantize_blocks(
     model: nn.Module, config, batches: list[torch.Tensor], targets: list[str], spec: MethodSpec, desc: str | None
 ) -> list[str]:
-    walk = start_walk(model, spec, config, batches)
     done: list[str] = []
+    stacks = model_stacks(model)
     with repeated_warnings_reported():  # a warning repeated per layer is said once, with its count at the end
-        bar = tqdm(total=len(walk.blocks), desc=desc or f"hf_ptq {config.method}", unit="block")
-        bar.set_postfix_str(f"{sum(h.shape[0] for h in walk.hidden)} samples")
-        for i, block in enumerate(walk.blocks):
-            head = f"{walk.prefix}.{i}."
-            names = [n[len(head) :] for n in targets if n.startswith(head)]
-            to_work_dtype(block, walk.work_dtype, walk.release_pages)
-            store = OutputStore(block, [], walk.dtype, walk.work_dtype)
-            quantized = calibrate_and_quantize_block(walk, i, names, store) if names else set()
-            done += [head + n for n in names]
-            propagate(walk, i, store, quantized)
-            bar.update(1)
-        bar.close()
-    dtype, release = walk.dtype, walk.release_pages
-    del walk
+        for stack in stacks:  # encoder-decoder models: the encoder's blocks, then the decoder's on its output
+            walk = start_walk(model, spec, config, batches, stack)
+            label = desc or f"hf_ptq {config.method}" + (f" ({stack.prefix})" if len(stacks) > 1 else "")
+            done += walk_stack(walk, targets, label)
+            dtype, release = walk.dtype, walk.release_pages
+            del walk
     finished = set(done)
     leftovers = [n for n in targets if n not in finished]
     if leftovers:
         quantize_outside_blocks(model, leftovers, spec, config, batches, dtype, release)
         done += leftovers
+    return done
+
+
+def walk_stack(walk: Walk, targets: list[str], desc: str) -> list[str]:
+    """Calibrate, quantize and propagate the blocks of `walk` in order; returns the names of `targets` quantized."""
+    done: list[str] = []
+    bar = tqdm(total=len(walk.blocks), desc=desc, unit="block")
+    bar.set_postfix_str(f"{sum(h.shape[0] for h in walk.hidden)} samples")
+    for i, block in enumerate(walk.blocks):
+        head = f"{walk.prefix}.{i}."
+        names = [n[len(head) :] for n in targets if n.startswith(head)]
+        kept = kept_dtypes(block, walk.dtype)  # e.g. T5's fp32 `wo`: computes in fp32 during the walk too
+        to_work_dtype(block, walk.work_dtype, walk.release_pages, kept)
+        store = OutputStore(block, [], walk.dtype, walk.work_dtype)
+        quantized = calibrate_and_quantize_block(walk, i, names, store) if names else set()
+        done += [head + n for n in names]
+        propagate(walk, i, store, quantized, kept)
+        bar.update(1)
+    bar.close()
     return done
 
 
@@ -379,9 +415,12 @@ def calibrate_and_quantize_block(walk: Walk, i: int, names: list[str], store: Ou
     return quantized
 
 
-def propagate(walk: Walk, i: int, store: OutputStore, quantized: set[str]) -> None:
+def propagate(
+    walk: Walk, i: int, store: OutputStore, quantized: set[str], kept: dict[str, torch.dtype] | None = None
+) -> None:
     """Run the (quantized) block i on every batch: its outputs, checked finite, become the next block's inputs;
-    then free what only block i needed and give freed heap back."""
+    then free what only block i needed, cast the block back (`kept`: its submodules in their own dtype,
+    `kept_dtypes`) and give freed heap back."""
     block = walk.blocks[i]
     with store.replaying_finished_children(quantized, record=False), keep_dense_weights(block):
         for b, call in enumerate(walk.calls[i]):
@@ -390,7 +429,7 @@ def propagate(walk: Walk, i: int, store: OutputStore, quantized: set[str]) -> No
     store.clear()
     check_block_output(walk.hidden, block, f"{walk.prefix}.{i}")
     walk.calls[i] = []  # this block's arguments are no longer needed
-    block.to(walk.dtype)
+    cast_block(block, walk.dtype, kept or {})
     trim_heap()
 
 
@@ -435,7 +474,7 @@ def quantize_outside_blocks(
         for ids in batches:
             seen.clear()
             try:
-                model(input_ids=ids.to(input_device(model)), **extra)
+                model(**model_inputs(model, ids), **extra)
             except StopForward:
                 pass
     finally:

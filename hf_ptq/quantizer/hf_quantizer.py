@@ -76,9 +76,16 @@ class PtqHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         return not self.pre_quantized and (method_spec(cfg.method).needs_calibration or cfg.target_bits is not None)
 
-    @property
-    def quantized_element_size(self) -> float:
-        return self.quantization_config.bits / 8
+    def param_element_size(self, model: PreTrainedModel, param_name: str, param: torch.Tensor) -> float:
+        """Bytes per element of `param_name` once loaded, which transformers plans `device_map="auto"` /
+        `max_memory` / disk offload with (`compute_module_sizes`). hf_ptq's empty modules already hold buffers of the
+        shapes and dtypes that loading fills (packed codes, scales, zero points, shape, g_idx; W8A8's int8 weight), so
+        those count as they are; the float placeholder `weight` of quantize-on-load, which the quantize op replaces by
+        those buffers, counts 0."""
+        module, tensor_name = get_module_from_name(model, param_name)
+        if tensor_name == "weight" and isinstance(module, (QuantLinear, PackedRows)) and "weight" in module._parameters:
+            return 0
+        return super().param_element_size(model, param_name, param)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs) -> bool:
         if self.pre_quantized or self.calibrating:
@@ -211,7 +218,9 @@ class PtqHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters train on every hf_ptq layer: peft LoRA wraps them (`hf_ptq.finetune`), gradients flow through the
+        frozen packed weights (`hf_ptq.nn.frozen_grad`)."""
+        return True
 
     def get_quantize_ops(self):
         from .ops import QuantizeOnLoad

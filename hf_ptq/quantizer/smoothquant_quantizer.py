@@ -24,10 +24,6 @@ class SmoothQuantHfQuantizer(PtqHfQuantizer):
 
     quantization_config: SmoothQuantConfig
 
-    @property
-    def quantized_element_size(self) -> float:
-        return 1.0
-
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs) -> bool:
         return False  # always calibrated after loading, never quantized while streaming
 

@@ -197,7 +197,7 @@ class CheckpointHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return True  # the layers become hf_ptq's own after loading (`PtqHfQuantizer.is_trainable`)
 
 
 class GptqCheckpointHfQuantizer(CheckpointHfQuantizer):
