@@ -301,3 +301,19 @@ def test_wrapping_does_not_dequantize_for_placement(tiny_llama_dir: Path, monkey
     monkeypatch.setattr(QuantLinear, "dequantized_weight", lambda self, *a: calls.append(1) or original(self, *a))
     peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=TARGETS))
     assert calls == []
+
+
+def test_unmerge_takes_the_change_back_out_on_the_grid(tiny_llama_dir: Path) -> None:
+    """merge then unmerge: the integers of (merged weight - delta) rounded onto the same grid, and the adapter is
+    active again (the outputs equal the unmerged adapter's up to the two roundings)."""
+    model = with_lora(quantized(tiny_llama_dir, PtqConfig(method="rtn", bits=4, group_size=32, sym=False)))
+    train_steps(model, lr=5e-2)
+    wrapper = model.base_model.model.model.layers[0].mlp.down_proj
+    base = wrapper.get_base_layer()
+    delta = wrapper.get_delta_weight("default").float()
+    wrapper.merge()
+    assert wrapper.merged
+    expected = _reference_on_grid(base, base.dequantized_weight(torch.float32) - delta)
+    wrapper.unmerge()
+    assert not wrapper.merged
+    assert torch.allclose(base.dequantized_weight(torch.float32), expected, atol=1e-6)

@@ -84,14 +84,10 @@ class QuantLoraLinear(Linear):
         for adapter in adapter_names:
             if adapter not in self.lora_A:
                 continue
-            weight = base.dequantized_weight(torch.float32)
-            if adapter in self.lora_variant:
-                merged = self.lora_variant[adapter].merge_safe(self, adapter, weight)
-            else:
-                merged = weight + self.get_delta_weight(adapter).float()
+            merged = self._changed_weight(base, adapter, sign=1.0)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            self._store(base, merged.float(), adapter, sign=1.0)
+            self._store(base, merged, adapter, sign=1.0)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -106,12 +102,17 @@ class QuantLoraLinear(Linear):
             adapter = self.merged_adapters.pop()
             if adapter not in self.lora_A:
                 continue
-            weight = base.dequantized_weight(torch.float32)
-            if adapter in self.lora_variant:
-                unmerged = self.lora_variant[adapter].unmerge(self, adapter, weight)
-            else:
-                unmerged = weight - self.get_delta_weight(adapter).float()
-            self._store(base, unmerged.float(), adapter, sign=-1.0)
+            self._store(base, self._changed_weight(base, adapter, sign=-1.0), adapter, sign=-1.0)
+
+    def _changed_weight(self, base: torch.nn.Module, adapter: str, sign: float) -> torch.Tensor:
+        """The base weight [out, in] (fp32) with `adapter`'s change added (`sign` 1) or taken out (-1): peft's variant
+        merge / unmerge (DoRA) where the adapter has one, else the LoRA delta."""
+        weight = base.dequantized_weight(torch.float32)
+        variant = self.lora_variant.get(adapter)
+        if variant is not None:
+            change = variant.merge_safe if sign > 0 else variant.unmerge
+            return change(self, adapter, weight).float()
+        return weight + sign * self.get_delta_weight(adapter).float()
 
     def _store(self, base: torch.nn.Module, weight: torch.Tensor, adapter: str, sign: float) -> None:
         if _merge_warned:
