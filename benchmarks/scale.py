@@ -70,7 +70,7 @@ SMOOTHED = ("awq", "w8a8")  # input channels scaled into the norm before: layer 
 
 def _timed_phases(phases: dict[str, float]):
     """Wrap the calibrated pipeline's statistics and method steps to add their seconds to `phases`."""
-    from hf_ptq.pipeline import run, sequential
+    from hf_ptq.pipeline import run, sequential, stacks
 
     def wrap(fn, key):
         def timed(*args, **kwargs):
@@ -84,7 +84,7 @@ def _timed_phases(phases: dict[str, float]):
 
     sequential.collect = wrap(sequential.collect, "statistics")
     sequential.quantize_group = wrap(sequential.quantize_group, "method")
-    sequential.capture_inputs = wrap(sequential.capture_inputs, "capture")
+    stacks.capture_inputs = wrap(stacks.capture_inputs, "capture")  # each stack's capture calls it from there
     run.quantize_blocks = wrap(run.quantize_blocks, "blocks_total")
 
 
