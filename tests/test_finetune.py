@@ -317,3 +317,21 @@ def test_unmerge_takes_the_change_back_out_on_the_grid(tiny_llama_dir: Path) -> 
     wrapper.unmerge()
     assert not wrapper.merged
     assert torch.allclose(base.dequantized_weight(torch.float32), expected, atol=1e-6)
+
+
+def test_quantized_head_input_gradient_in_chunks(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantized (tied) head's input gradient is built a chunk of vocabulary rows at a time: equal to the gradient
+    through the whole dequantized matrix."""
+    from hf_ptq.nn import quant_embedding
+
+    model = quantized(tiny_llama_dir, PtqConfig(method="rtn", bits=4, group_size=32, embeddings="int4"))
+    head = model.lm_head
+    assert type(head).__name__ in ("TiedQuantHead", "QuantOutputHead")
+    monkeypatch.setattr(quant_embedding, "DENSE_CHUNK_ELEMENTS", 40 * head.in_features)  # 4 chunks of the 128 rows
+    x = torch.randn(3, 5, head.in_features, requires_grad=True)
+    grad_y = torch.randn(3, 5, head.out_features)
+    head(x).backward(grad_y)
+    matrix = head.embedding if hasattr(head, "embedding") else head  # a tied head multiplies by its embedding's
+    expected = grad_y @ matrix.dequantized_weight(torch.float32)
+    tol = 1e-5 if kernels.compute_dtypes("auto", x)[1] == torch.float32 else 2e-2
+    assert torch.allclose(x.grad, expected, rtol=tol, atol=tol * expected.abs().max().item())

@@ -3,7 +3,8 @@
 The packed kernels (torch's int4 / int8 weight-only ops, hf_ptq's C kernels, `torch._int_mm`) have no backward, and
 autograd through the dense path would keep each layer's dequantized weight alive from forward to backward: a float
 copy of the whole model during every training step. Here the forward runs exactly as in inference and saves no
-tensor; the backward dequantizes the layer's weight once, multiplies, and drops it. W8A8 layers quantize their
+tensor; the backward dequantizes the layer's weight (a large head: a chunk of rows at a time), multiplies, and drops
+it. W8A8 layers quantize their
 activations in forward: their input gradient is the straight-through one (the rounding of the activations is taken
 as the identity), as in quantization-aware training.
 """
@@ -22,8 +23,8 @@ def needs_input_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 class _FrozenWeightMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, forward, weight, dtype):
-        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+    def forward(ctx, x, bias, forward, input_grad):
+        ctx.input_grad, ctx.x_dtype = input_grad, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return forward(x)  # autograd runs this with grad mode off: the inference path
 
@@ -33,21 +34,20 @@ class _FrozenWeightMatmul(torch.autograd.Function):
         g2 = grad_y.reshape(-1, out_features)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.weight(ctx.dtype)  # [out, in], built now and dropped after the product
-            grad_x = (g2.to(ctx.dtype) @ w).to(ctx.x_dtype).reshape(*grad_y.shape[:-1], w.shape[1])
+            grad_x = ctx.input_grad(g2).to(ctx.x_dtype)
+            grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             grad_bias = g2.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, None, None, None
+        return grad_x, grad_bias, None, None
 
 
 def frozen_matmul(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     forward: Callable[[torch.Tensor], torch.Tensor],
-    weight: Callable[[torch.dtype], torch.Tensor],
-    dtype: torch.dtype,
+    input_grad: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """`forward(x)` (x [..., in] -> [..., out], bias included) with gradients for x and `bias`: dL/dx = dL/dy @
-    `weight(dtype)`, the layer's weight [out, in] built during backward only, multiplied in `dtype` (the layer's
-    dense-path dtype: fp32 on CPUs without fast bf16) and returned in x's dtype."""
-    return _FrozenWeightMatmul.apply(x, bias, forward, weight, dtype)
+    """`forward(x)` (x [..., in] -> [..., out], bias included) with gradients for x and `bias`: dL/dx is
+    `input_grad(g)` for g = dL/dy as [rows, out] (g @ W, the layer's weight [out, in] dequantized during backward only,
+    in the layer's dense-path dtype: fp32 on CPUs without fast bf16), returned in x's dtype."""
+    return _FrozenWeightMatmul.apply(x, bias, forward, input_grad)

@@ -145,9 +145,9 @@ class PackedRows(DequantizedWeightAttribute):
         """x [..., cols] @ matrix^T (+ bias) -> [..., rows] in x's dtype (with gradients for x and the bias where
         autograd needs them: `hf_ptq.nn.frozen_grad`)."""
         if needs_input_grad(x, bias):
-            dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)[1]
+            dense = kernels.compute_dtypes(self.compute_dtype, x)[1]
             forward = lambda x: self._matmul_frozen(x, bias)  # noqa: E731
-            return frozen_matmul(x, bias, forward, self.dequantized_weight, dense_dtype)
+            return frozen_matmul(x, bias, forward, lambda g: self._input_grad(g, dense))
         return self._matmul_frozen(x, bias)
 
     def _matmul_frozen(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -226,6 +226,18 @@ class PackedRows(DequantizedWeightAttribute):
             weight = self.dequantized_rows(torch.arange(start, stop, device=x2.device), x2.dtype)
             y[:, start:stop] = kernels.dense_matmul(x2, weight, None)
         return y if bias is None else y.add_(bias.to(y.dtype))
+
+    def _input_grad(self, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """g [n, rows] @ matrix -> [n, cols] in `dtype`, the matrix dequantized `DENSE_CHUNK_ELEMENTS` values at a
+        time as in `_dense_matmul` (a 128k-vocabulary head is never whole in float)."""
+        step = max(1, DENSE_CHUNK_ELEMENTS // self.in_features)
+        g = g.to(dtype)
+        out = torch.zeros(g.shape[0], self.in_features, dtype=torch.float32, device=g.device)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            weight = self.dequantized_rows(torch.arange(start, stop, device=g.device), dtype)
+            out += (g[:, start:stop] @ weight).float()
+        return out
 
     def _grid_repr(self) -> str:
         gran = "per-row" if self.group_size == -1 else f"group_size={self.group_size}"

@@ -198,8 +198,8 @@ class QuantLinear(DequantizedWeightAttribute):
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if needs_input_grad(x, self.bias):  # training an adapter above or below this frozen layer
-            dense_dtype = kernels.compute_dtypes(self.compute_dtype, x)[1]
-            return frozen_matmul(x, self.bias, self._forward_frozen, self._dense_weight, dense_dtype)
+            dense = kernels.compute_dtypes(self.compute_dtype, x)[1]
+            return frozen_matmul(x, self.bias, self._forward_frozen, lambda g: g.to(dense) @ self._dense_weight(dense))
         return self._forward_frozen(x)
 
     def _forward_frozen(self, x: torch.Tensor) -> torch.Tensor:

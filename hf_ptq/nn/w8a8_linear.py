@@ -103,8 +103,9 @@ class W8A8Linear(nn.Module):
     # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if needs_input_grad(x, self.bias):  # training an adapter: straight-through input gradient
-            dense_dtype = kernels.compute_dtypes("auto", x)[1]
-            return frozen_matmul(x, self.bias, self._forward_frozen, self.dequantized_weight, dense_dtype)
+            dense = kernels.compute_dtypes("auto", x)[1]
+            grad = lambda g: g.to(dense) @ self.dequantized_weight(dense)  # noqa: E731
+            return frozen_matmul(x, self.bias, self._forward_frozen, grad)
         return self._forward_frozen(x)
 
     def _forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
